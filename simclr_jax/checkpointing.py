@@ -1,0 +1,71 @@
+"""Orbax checkpoints of the whole run: train state plus input position.
+
+One CheckpointManager per workdir, async so the train loop is not blocked on
+storage. Each step directory holds two items: 'state' (encoder, projection
+head, linear head, batch statistics, optimiser state, step) and 'data' (the
+input stream position as JSON). Orbax writes into a temporary directory and
+renames it when complete, so a run killed mid-save leaves no checkpoint that
+a restart could read half of.
+"""
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+
+class Checkpointer:
+  """Thin wrapper that fixes the item layout of this project's checkpoints."""
+
+  def __init__(self, directory: str, max_to_keep: int = 2,
+               async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=True,
+        enable_async_checkpointing=async_save)
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options, item_names=('state', 'data'))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: Any, data_position: dict,
+           force: bool = False) -> bool:
+    """Starts an async save of `state` at `step`; returns whether it saved."""
+    saved = self._manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(data_position)),
+        force=force)
+    if saved:
+      logging.info('Saving checkpoint at step %d to %s', step, self.directory)
+    return saved
+
+  def restore(self, state_template: Any, step: int | None = None
+              ) -> tuple[Any, dict, int]:
+    """Restores (state, data_position, step) into the template's shardings.
+
+    `state_template` may hold real arrays or jax.ShapeDtypeStruct leaves with
+    shardings; the restored arrays take those shardings.
+    """
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f'no checkpoint in {self.directory}')
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_template)
+    restored = self._manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract),
+            data=ocp.args.JsonRestore()))
+    return restored['state'], dict(restored['data'] or {}), step
+
+  def wait(self) -> None:
+    """Blocks until pending async saves are durable on storage."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()

@@ -1,0 +1,114 @@
+r"""Command-line entry point.
+
+  python -m simclr_jax.main --config=configs/digits.py --workdir=/tmp/run
+
+Modes: pretrain (default; then probes the frozen encoder). The same command
+runs on every host of a multi-host job; re-running it in the same workdir
+resumes. Bad configs and unusable inputs end with one line on stderr and
+exit status 2.
+"""
+
+import json
+import math
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Recipe file (configs/*.py).',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None, 'Checkpoints, summaries, results.json.')
+flags.DEFINE_enum('mode', 'pretrain', ['pretrain'], 'What to run.')
+flags.DEFINE_string('coordinator_address', None,
+                    'host:port of process 0, for jax.distributed.initialize.')
+flags.DEFINE_integer('num_processes', None, 'Processes in the job.')
+flags.DEFINE_integer('process_id', None, 'This process (0..num_processes-1).')
+flags.DEFINE_bool('distributed', False,
+                  'Call jax.distributed.initialize() with no arguments, '
+                  'letting JAX detect the cluster (Cloud TPU, Slurm).')
+
+
+def _fail(message: str, code: int = 2) -> None:
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(code)
+
+
+def _initialize_distributed() -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+  if FLAGS.coordinator_address or FLAGS.num_processes:
+    jax.distributed.initialize(
+        coordinator_address=FLAGS.coordinator_address,
+        num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+  elif FLAGS.distributed:
+    jax.distributed.initialize()
+
+
+def _json_safe(x):
+  if isinstance(x, dict):
+    return {str(k): _json_safe(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_json_safe(v) for v in x]
+  if hasattr(x, 'item'):
+    x = x.item()
+  if isinstance(x, float) and not math.isfinite(x):
+    return None
+  return x
+
+
+def write_results(workdir: str, results: dict, name: str = 'results.json'
+                  ) -> str:
+  import jax  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, name)
+  if jax.process_index() == 0:
+    with open(path, 'w') as f:
+      json.dump(_json_safe(results), f, indent=2, sort_keys=True)
+  return path
+
+
+def run_pretrain(config, workdir: str) -> dict:
+  """Pretrains (or resumes), then evaluates; returns what results.json holds."""
+  from simclr_jax import train  # pylint: disable=g-import-not-at-top
+  try:
+    setup = train.build(config)
+    train.prepare_workdir(workdir)
+  except ValueError as e:  # ConfigError, DatasetError: one line, no trace.
+    _fail(str(e))
+  try:
+    out = train.pretrain(config, workdir, setup)
+  except train.NonFiniteError as e:
+    _fail(str(e), code=1)
+  except ValueError as e:
+    _fail(str(e))
+  state = out.pop('state')
+  results = dict(out)
+  if not out['interrupted']:
+    results.update(train.evaluate_encoder(setup, state))
+  path = write_results(workdir, results)
+  logging.info('Results: %s', json.dumps(_json_safe(
+      {k: v for k, v in results.items() if k != 'final_metrics'})))
+  logging.info('Wrote %s', path)
+  return results
+
+
+def main(argv):
+  if len(argv) > 1:
+    _fail(f'unexpected arguments: {" ".join(argv[1:])}')
+  if FLAGS.config is None:
+    _fail('--config is required, e.g. --config=configs/digits.py')
+  if not FLAGS.workdir:
+    _fail('--workdir is required')
+  _initialize_distributed()
+  if FLAGS.mode == 'pretrain':
+    run_pretrain(FLAGS.config, FLAGS.workdir)
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == '__main__':
+  run()

@@ -1,0 +1,99 @@
+"""Projection head g(.) and linear classifier head (REFERENCE §2).
+
+The projection head follows the TF2 reference's `ProjectionHead` in
+'nonlinear' mode: every layer is a bias-free Dense followed by BatchNorm (the
+BN beta plays the bias role), hidden layers use ReLU and keep the encoder
+width, and the last layer's BN has no beta. All intermediate outputs are
+returned so fine-tuning can start from any head layer (SimCLRv2 fine-tunes from
+the first one, `ft_proj_selector=1`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from simclr_jax.models import resnet
+
+Dtype = Any
+
+# REFERENCE §2: head Dense kernels are N(0, 0.01) (tf2 LinearLayer init).
+dense_kernel_init = nn.initializers.normal(stddev=0.01)
+
+
+class ProjectionHead(nn.Module):
+  """SimCLR MLP projection head.
+
+  Attributes:
+    num_layers: Number of Dense+BN layers (SimCLRv1: 2, SimCLRv2: 3); 0 makes
+      the head the identity (z = h), as the reference's 'none' head.
+    out_dim: Width of the last layer's output z (128 in the papers).
+    hidden_dim: Width of hidden layers; None keeps the input (encoder) width,
+      as the reference does.
+    dtype: Computation dtype; parameters stay float32.
+    bn_axis_name: Mapped axis for BN statistics inside shard_map/pmap.
+  """
+  num_layers: int = 2
+  out_dim: int = 128
+  hidden_dim: int | None = None
+  dtype: Dtype = jnp.float32
+  bn_axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, h: jax.Array,
+               train: bool) -> tuple[jax.Array, list[jax.Array]]:
+    """Returns (z, hiddens); hiddens = [h, layer 1 output, ..., z].
+
+    Hidden-layer entries are taken after their ReLU, as in the reference, so
+    `hiddens[ft_proj_selector]` is what a fine-tuned classifier would see.
+    """
+    hidden_dim = self.hidden_dim or h.shape[-1]
+    hiddens = [h]
+    x = h
+    for i in range(1, self.num_layers + 1):
+      last = i == self.num_layers
+      x = nn.Dense(
+          self.out_dim if last else hidden_dim,
+          use_bias=False,  # BN follows; its beta is the bias.
+          dtype=self.dtype,
+          param_dtype=jnp.float32,
+          kernel_init=dense_kernel_init,
+          name=f'dense{i}')(x)
+      x = nn.BatchNorm(
+          use_running_average=not train,
+          momentum=resnet.BN_MOMENTUM,
+          epsilon=resnet.BN_EPSILON,
+          # No beta on the output layer (reference: center=False), so z is
+          # not shifted by a learned offset before normalisation in the loss.
+          use_bias=not last,
+          use_scale=True,
+          dtype=self.dtype,
+          param_dtype=jnp.float32,
+          axis_name=self.bn_axis_name,
+          name=f'bn{i}')(x)
+      if not last:
+        x = nn.relu(x)
+      hiddens.append(x)
+    return x, hiddens
+
+
+class LinearHead(nn.Module):
+  """Linear classifier with bias: online linear eval or supervised head.
+
+  Computes in float32 regardless of the encoder's dtype: it is tiny and its
+  logits feed a softmax cross-entropy.
+  """
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, h: jax.Array) -> jax.Array:
+    return nn.Dense(
+        self.num_classes,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        kernel_init=dense_kernel_init,
+        bias_init=nn.initializers.zeros,
+        name='dense')(h.astype(jnp.float32))

@@ -1,0 +1,365 @@
+"""The pretraining loop: builds everything from a config and runs it.
+
+`pretrain(config, workdir)` is what `main --mode=pretrain` calls. Running it
+again on the same workdir resumes from the last complete checkpoint, with the
+input stream at the same position, so an interrupted run ends where an
+uninterrupted one would.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from simclr_jax import checkpointing
+from simclr_jax import config_validation
+from simclr_jax import metric_writer
+from simclr_jax import models
+from simclr_jax import optim
+from simclr_jax import parallel
+from simclr_jax import train_step as train_step_lib
+from simclr_jax.config_validation import ConfigError
+
+# Config fields that fix the shapes of the checkpointed state; resuming with
+# any of them changed cannot work.
+_SHAPE_FIELDS = ('model.depth', 'model.width_multiplier', 'model.sk_ratio',
+                 'model.stem', 'model.num_proj_layers', 'model.proj_out_dim',
+                 'model.linear_eval_while_pretraining', 'optim.name',
+                 'dataset.name', 'method')
+
+
+class NonFiniteError(RuntimeError):
+  """The loss or gradients became NaN/Inf and on_nan='stop'."""
+
+
+@dataclasses.dataclass
+class Setup:
+  """What a run is built from; shared by pretraining, evaluation, benchmark."""
+  config: ml_collections.ConfigDict
+  mesh: Any
+  info: Any
+  steps_per_epoch: int
+  total_steps: int
+  model: Any
+  tx: Any
+  schedule: Any
+  init_rng: jax.Array
+  step_rng: jax.Array
+
+
+def _get(config: ml_collections.ConfigDict, dotted: str):
+  for part in dotted.split('.'):
+    config = config[part]
+  return config
+
+
+def prepare_workdir(workdir: str) -> None:
+  """Creates the workdir or raises a one-line ConfigError."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f'.write_test_{jax.process_index()}')
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise ConfigError(f'workdir={workdir!r} cannot be written: '
+                      f'{e.strerror or e}') from None
+
+
+def check_resume_compatible(workdir: str, config: ml_collections.ConfigDict
+                            ) -> None:
+  """Stops a resume whose config would not fit the checkpointed state."""
+  path = os.path.join(workdir, 'config.json')
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    for field in _SHAPE_FIELDS:
+      old = saved
+      for part in field.split('.'):
+        old = old.get(part) if isinstance(old, dict) else None
+      new = _get(config, field)
+      if old is not None and old != new:
+        raise ConfigError(
+            f'cannot resume in {workdir}: config.{field} was {old!r} in the '
+            f'checkpointed run and is {new!r} now; use a new workdir or the '
+            'old value')
+  if jax.process_index() == 0:
+    with open(path, 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+
+def build(config: ml_collections.ConfigDict, mesh=None) -> Setup:
+  """Validates the config and builds model, optimiser and schedule."""
+  from simclr_jax.data import datasets  # pylint: disable=g-import-not-at-top
+  from simclr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
+  mesh = parallel.make_mesh() if mesh is None else mesh
+  config_validation.validate(config, num_devices=mesh.devices.size,
+                             process_count=jax.process_count())
+  info = datasets.dataset_info(config)
+  steps_per_epoch = pipeline.steps_per_epoch(config, info)
+  if steps_per_epoch <= 0:
+    raise ConfigError(
+        f'config.batch_size={config.batch_size} is larger than the '
+        f'{info.num_train_examples} training examples of {config.dataset.name}')
+  total_steps = config.train_steps or config.num_epochs * steps_per_epoch
+  model = models.build_model(config, info.num_classes)
+  tx, schedule = optim.make_optimizer(config, steps_per_epoch, total_steps)
+  init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
+  return Setup(config, mesh, info, steps_per_epoch, total_steps, model, tx,
+               schedule, init_rng, step_rng)
+
+
+def make_step(setup: Setup):
+  c = setup.config
+  views_fn = train_step_lib.make_views_fn(
+      c.augment.backend, c.dataset.image_size, c.augment.color_strength,
+      c.augment.blur)
+  return train_step_lib.make_train_step(
+      setup.model, setup.tx, setup.schedule, setup.mesh,
+      temperature=c.loss.temperature, views_fn=views_fn,
+      skip_nonfinite=c.on_nan == 'skip_step',
+      compute_dtype=jnp.dtype(c.model.compute_dtype))
+
+
+def initial_state(setup: Setup) -> train_step_lib.TrainState:
+  return train_step_lib.create_train_state(
+      setup.model, setup.tx, setup.init_rng, setup.config.dataset.image_size,
+      setup.mesh)
+
+
+class _StopRequest:
+  """Turns SIGTERM/SIGINT into a flag the loop checks between steps.
+
+  Preemption on Cloud TPU and Slurm arrives as SIGTERM; finishing the step
+  and checkpointing loses nothing, where dying mid-step loses everything
+  since the last save.
+  """
+
+  def __init__(self):
+    self.signum = None
+    self._old = {}
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._old[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signum = signum
+
+  def restore(self):
+    for sig, handler in self._old.items():
+      signal.signal(sig, handler)
+
+
+def _data_position(setup: Setup, step: int) -> dict:
+  return {'step': step, 'epoch': step // setup.steps_per_epoch,
+          'batch_in_epoch': step % setup.steps_per_epoch,
+          'seed': setup.config.seed, 'dataset': setup.config.dataset.name}
+
+
+def _write_nan_diagnostic(workdir: str, step: int, metrics: dict,
+                          last_good: dict | None) -> str:
+  bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+  path = os.path.join(workdir, 'nan_diagnostic.json')
+  if jax.process_index() == 0:
+    with open(path, 'w') as f:
+      json.dump({'step': step, 'non_finite': bad, 'metrics': metrics,
+                 'last_finite_metrics': last_good}, f, indent=2, default=str)
+  return path
+
+
+def pretrain(config: ml_collections.ConfigDict, workdir: str,
+             setup: Setup | None = None) -> dict:
+  """Runs (or resumes) pretraining; returns the results dict.
+
+  Returns a dict with steps, final_train_loss, resumed_from_step, wall_time_s
+  and 'state' (the final TrainState, not JSON).
+  """
+  from simclr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
+  t_start = time.time()
+  setup = setup or build(config)
+  prepare_workdir(workdir)
+  check_resume_compatible(workdir, config)
+  mesh = setup.mesh
+  state = initial_state(setup)
+  ckpt = checkpointing.Checkpointer(
+      os.path.join(workdir, 'checkpoints'), max_to_keep=config.keep_checkpoints)
+  resumed_from = ckpt.latest_step()
+  if resumed_from is not None:
+    state, position, _ = ckpt.restore(state)
+    logging.info('Resumed from step %d (data position %s)', resumed_from,
+                 position)
+  start_step = int(jax.device_get(state.step))
+  step_fn = make_step(setup)
+  batches = pipeline.make_pretrain_iterator(
+      config, process_index=jax.process_index(),
+      process_count=jax.process_count(), start_step=start_step)
+  batches = parallel.prefetch_to_mesh(batches, mesh, config.dataset.prefetch)
+  writer = metric_writer.MetricWriter(workdir)
+  stop = _StopRequest()
+  total = setup.total_steps
+  logging.info('Pretraining %s: %d steps (%d per epoch), global batch %d on '
+               '%d devices, from step %d', config.dataset.name, total,
+               setup.steps_per_epoch, config.batch_size, mesh.devices.size,
+               start_step)
+  last_metrics, last_good = None, None
+  final_loss = float('nan')
+  t_loop, steps_timed = None, 0
+  step = start_step
+  interrupted = False
+  try:
+    while step < total:
+      batch = next(batches)
+      rng = jax.random.fold_in(setup.step_rng, step)
+      state, metrics = step_fn(state, batch, rng)
+      step += 1
+      if t_loop is None:  # Exclude compilation from the throughput.
+        jax.block_until_ready(metrics)
+        t_loop, steps_timed = time.time(), 0
+      else:
+        steps_timed += 1
+      is_log = step % config.log_every_steps == 0 or step == total
+      is_ckpt = step % config.checkpoint_every_steps == 0 or step == total
+      if is_log or is_ckpt or stop.signum is not None:
+        last_metrics = parallel.fetch(metrics)
+        if not math.isfinite(last_metrics['loss']) and config.on_nan == 'stop':
+          path = _write_nan_diagnostic(workdir, step, last_metrics, last_good)
+          raise NonFiniteError(
+              f'non-finite loss at step {step}; diagnostic in {path}; the '
+              f'last good checkpoint (step {ckpt.latest_step()}) is kept')
+        last_good = last_metrics
+        final_loss = last_metrics['loss']
+      if is_log:
+        elapsed = time.time() - t_loop
+        rate = steps_timed / elapsed if elapsed > 0 and steps_timed else 0.0
+        scalars = dict(last_metrics, examples_per_sec=rate * config.batch_size,
+                       epoch=step / setup.steps_per_epoch)
+        eta = (total - step) / rate if rate else float('nan')
+        logging.info(
+            'step %d/%d  loss %.4f  acc %.3f  lr %.4g  %.1f img/s  ETA %s',
+            step, total, scalars['loss'], scalars['contrastive_acc'],
+            scalars['learning_rate'], scalars['examples_per_sec'],
+            _fmt_eta(eta))
+        writer.write(step, scalars)
+      if is_ckpt or stop.signum is not None:
+        ckpt.save(step, state, _data_position(setup, step), force=True)
+      if stop.signum is not None:
+        interrupted = True
+        break
+  finally:
+    ckpt.wait()
+    stop.restore()
+    writer.close()
+  if interrupted:
+    logging.warning(
+        'Stopped by signal %d at step %d; checkpoint saved. Re-run the same '
+        'command to resume.', stop.signum, step)
+  ckpt.close()
+  return {
+      'steps': step,
+      'total_steps': total,
+      'interrupted': interrupted,
+      'final_train_loss': final_loss,
+      'final_metrics': last_metrics,
+      'resumed_from_step': resumed_from,
+      'pretrain_wall_time_s': time.time() - t_start,
+      'state': state,
+  }
+
+
+def _fmt_eta(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return '?'
+  seconds = int(seconds)
+  return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
+
+
+def encoder_variables(state: train_step_lib.TrainState) -> dict:
+  """The variables model.apply needs, from a train state."""
+  return {'params': state.params, 'batch_stats': state.batch_stats}
+
+
+def recalibrate_batch_stats(setup: Setup, variables: dict,
+                            images: np.ndarray, passes: int = 20) -> dict:
+  """Re-estimates BN running statistics by forwarding data in train mode.
+
+  Used for the random-init baseline: its running averages are still the
+  initial (0, 1), which would make a fair network look broken.
+  """
+  model = setup.model
+  bs = min(setup.config.eval.batch_size, len(images))
+  n_dev = setup.mesh.devices.size
+  bs = max(n_dev, bs // n_dev * n_dev)
+
+  @jax.jit
+  def update(batch_stats, x):
+    _, new = model.apply({'params': variables['params'],
+                          'batch_stats': batch_stats}, x, train=True,
+                         mutable=['batch_stats'])
+    return new['batch_stats']
+
+  batch_stats = variables['batch_stats']
+  rng = np.random.default_rng(0)
+  for _ in range(passes):
+    idx = rng.permutation(len(images))
+    for i in range(0, len(images) - bs + 1, bs):
+      batch_stats = update(batch_stats, jnp.asarray(images[idx[i:i + bs]]))
+  return {'params': variables['params'], 'batch_stats': batch_stats}
+
+
+def evaluate_encoder(setup: Setup, state: train_step_lib.TrainState) -> dict:
+  """Frozen-feature probes, few-shot probes and kNN, pretrained vs random.
+
+  The random-init baseline is the exact network pretraining started from
+  (same seed), with BN statistics re-estimated on the training images.
+  """
+  from simclr_jax import evaluation  # pylint: disable=g-import-not-at-top
+  from simclr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from simclr_jax.evaluation import features as features_lib  # pylint: disable=g-import-not-at-top
+
+  c = setup.config
+  train_x, train_y = pipeline.load_eval_arrays(c, c.dataset.train_split)
+  test_x, test_y = pipeline.load_eval_arrays(c, c.dataset.eval_split)
+  model = setup.model
+  # Variables are an argument, not a closed-over constant, so they are not
+  # baked into the compiled program.
+  apply = jax.jit(lambda v, x: model.apply(v, x, train=False)['features'])
+
+  def featurize(variables):
+    return tuple(
+        features_lib.extract_features(apply, x, c.eval.batch_size,
+                                      mesh=setup.mesh, variables=variables)
+        for x in (train_x, test_x))
+
+  kw = dict(knn_k=c.eval.knn_k, knn_temperature=c.eval.knn_temperature,
+            shots=tuple(c.eval.fewshot_shots), draws=c.eval.fewshot_draws,
+            seed=c.seed)
+  t0 = time.time()
+
+  def probe(variables):
+    f_train, f_test = featurize(variables)
+    return evaluation.evaluate_features(f_train, train_y, f_test, test_y, **kw)
+
+  results = probe(encoder_variables(state))
+  if c.eval.probe_random_init:
+    init = jax.device_get(initial_state(setup))
+    variables = recalibrate_batch_stats(setup, encoder_variables(init),
+                                        train_x)
+    rand = probe(variables)
+    # DESIGN.md names: random_init_probe_accuracy for the all-label probe.
+    results.update({'random_init_' + k.replace('linear_probe', 'probe'): v
+                    for k, v in rand.items()})
+  results['eval_wall_time_s'] = time.time() - t0
+  return results
