@@ -20,7 +20,7 @@ def get_config():
   c.model.width_multiplier = 0.25
   c.loss.temperature = 0.2
   c.batch_size = 256
-  c.num_epochs = 60
+  c.num_epochs = 30
   c.optim.name = 'lars'
   c.optim.base_learning_rate = 1.0
   c.optim.warmup_epochs = 5

@@ -27,6 +27,9 @@ flags.DEFINE_string('coordinator_address', None,
                     'host:port of process 0, for jax.distributed.initialize.')
 flags.DEFINE_integer('num_processes', None, 'Processes in the job.')
 flags.DEFINE_integer('process_id', None, 'This process (0..num_processes-1).')
+flags.DEFINE_integer('stop_after_steps', None,
+                     'Checkpoint and exit after this many steps (for '
+                     'time-limited job slots); re-run to continue.')
 flags.DEFINE_bool('distributed', False,
                   'Call jax.distributed.initialize() with no arguments, '
                   'letting JAX detect the cluster (Cloud TPU, Slurm).')
@@ -78,7 +81,8 @@ def run_pretrain(config, workdir: str) -> dict:
   except ValueError as e:  # ConfigError, DatasetError: one line, no trace.
     _fail(str(e))
   try:
-    out = train.pretrain(config, workdir, setup)
+    out = train.pretrain(config, workdir, setup,
+                         stop_after_steps=FLAGS.stop_after_steps)
   except train.NonFiniteError as e:
     _fail(str(e), code=1)
   except ValueError as e:

@@ -180,8 +180,12 @@ def _write_nan_diagnostic(workdir: str, step: int, metrics: dict,
 
 
 def pretrain(config: ml_collections.ConfigDict, workdir: str,
-             setup: Setup | None = None) -> dict:
+             setup: Setup | None = None,
+             stop_after_steps: int | None = None) -> dict:
   """Runs (or resumes) pretraining; returns the results dict.
+
+  `stop_after_steps` ends this invocation early (with a checkpoint) after that
+  many steps, for time-boxed scheduler slots; running again continues.
 
   Returns a dict with steps, final_train_loss, resumed_from_step, wall_time_s
   and 'state' (the final TrainState, not JSON).
@@ -232,7 +236,9 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str,
         steps_timed += 1
       is_log = step % config.log_every_steps == 0 or step == total
       is_ckpt = step % config.checkpoint_every_steps == 0 or step == total
-      if is_log or is_ckpt or stop.signum is not None:
+      stopping = stop.signum is not None or bool(
+          stop_after_steps and step - start_step >= stop_after_steps)
+      if is_log or is_ckpt or stopping:
         last_metrics = parallel.fetch(metrics)
         if not math.isfinite(last_metrics['loss']) and config.on_nan == 'stop':
           path = _write_nan_diagnostic(workdir, step, last_metrics, last_good)
@@ -253,10 +259,10 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str,
             scalars['learning_rate'], scalars['examples_per_sec'],
             _fmt_eta(eta))
         writer.write(step, scalars)
-      if is_ckpt or stop.signum is not None:
+      if is_ckpt or stopping:
         ckpt.save(step, state, _data_position(setup, step), force=True)
-      if stop.signum is not None:
-        interrupted = True
+      if stopping:
+        interrupted = step < total
         break
   finally:
     ckpt.wait()
@@ -264,8 +270,9 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str,
     writer.close()
   if interrupted:
     logging.warning(
-        'Stopped by signal %d at step %d; checkpoint saved. Re-run the same '
-        'command to resume.', stop.signum, step)
+        'Stopped (%s) at step %d; checkpoint saved. Re-run the same command '
+        'to resume.', f'signal {stop.signum}' if stop.signum else
+        'stop_after_steps', step)
   ckpt.close()
   return {
       'steps': step,
