@@ -8,19 +8,13 @@ The batch-4096 recipe at twice the batch; sqrt scaling gives peak LR
 0.075 x sqrt(8192) = 6.79.
 """
 
-import importlib.util
 import os
 
-
-def _base():
-  path = os.path.join(os.path.dirname(__file__), 'imagenet_resnet50.py')
-  spec = importlib.util.spec_from_file_location('imagenet_resnet50', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from simclr_jax import defaults
 
 
 def get_config():
-  c = _base()
+  c = defaults.load_recipe(
+      os.path.join(os.path.dirname(__file__), 'imagenet_resnet50.py'))
   c.batch_size = 8192
   return c

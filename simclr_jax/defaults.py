@@ -76,3 +76,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.fewshot_draws = 10
   c.eval.probe_random_init = True  # Also probe the same architecture at random init.
   return c
+
+
+def load_recipe(path: str) -> ml_collections.ConfigDict:
+  """Runs `get_config()` of a recipe file, so variants can extend a recipe.
+
+  Recipes are plain files loaded by path (not a package), so a variant such
+  as configs/imagenet_resnet50_b8192.py reads its base this way.
+  """
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  name = os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(f'simclr_recipe_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()

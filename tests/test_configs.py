@@ -1,0 +1,45 @@
+"""Every recipe builds (model, optimiser, schedule) without training."""
+
+import glob
+import os
+
+import jax
+import pytest
+
+from simclr_jax import config_validation
+from simclr_jax import defaults
+from simclr_jax import models
+from simclr_jax import optim
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPES = sorted(glob.glob(os.path.join(ROOT, 'configs', '*.py')))
+
+
+@pytest.mark.parametrize('path', RECIPES, ids=os.path.basename)
+def test_recipe_builds(path):
+  c = defaults.load_recipe(path)
+  config_validation.validate(c, num_devices=8)
+  with open(path) as f:
+    assert 'python -m simclr_jax.main --config=configs/' in f.read()
+  model = models.build_model(c, num_classes=10)
+  size = c.dataset.image_size
+  shapes = jax.eval_shape(
+      lambda: model.init(jax.random.key(0),
+                         jax.numpy.zeros((2, size, size, 3)), train=False))
+  assert 'encoder' in shapes['params']
+  tx, schedule = optim.make_optimizer(c, steps_per_epoch=100,
+                                      total_steps=100 * c.num_epochs)
+  assert float(schedule(100 * c.num_epochs)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_recipe_values_match_reference():
+  get = lambda name: defaults.load_recipe(
+      os.path.join(ROOT, 'configs', name))
+  big = get('imagenet_resnet50_b8192.py')
+  assert big.batch_size == 8192 and big.loss.temperature == 0.1
+  assert optim.peak_learning_rate(big.optim.base_learning_rate, 8192,
+                                  big.optim.lr_scaling) == pytest.approx(
+                                      0.075 * 8192 ** 0.5)
+  r50 = get('cifar10_resnet50.py')
+  assert (r50.model.depth, r50.batch_size, r50.loss.temperature) == (50, 1024,
+                                                                     0.5)
