@@ -7,9 +7,10 @@ instead of a traceback from deep inside XLA or tf.data.
 
 import ml_collections
 
+from simclr_jax.models.resnet import STAGE_SIZES
 from simclr_jax.optim import LR_SCALINGS, OPTIMIZERS
 
-DEPTHS = (18, 34, 50, 101, 152, 200)
+DEPTHS = tuple(sorted(STAGE_SIZES))
 BACKENDS = ('tf', 'jax')
 STEMS = ('auto', 'cifar', 'imagenet')
 DTYPES = ('float32', 'bfloat16')

@@ -31,20 +31,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def check_batch_divides(batch_size: int, mesh: Mesh, process_count: int
-                        ) -> None:
-  """Raises a one-line ValueError if the batch cannot be split evenly."""
-  n = mesh.devices.size
-  if batch_size <= 0 or batch_size % n:
-    raise ValueError(
-        f'batch_size={batch_size} must be a positive multiple of the number '
-        f'of devices ({n}); try {max(n, (batch_size // n) * n)}')
-  if batch_size % process_count:
-    raise ValueError(
-        f'batch_size={batch_size} must divide over {process_count} '
-        'processes')
-
-
 def to_global(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict:
   """Assembles each host's rows into global batch-sharded arrays."""
   sharding = data_sharding(mesh)
@@ -97,11 +83,6 @@ def prefetch_to_mesh(iterator: Iterable[dict[str, np.ndarray]], mesh: Mesh,
         q.get_nowait()
       except queue.Empty:
         thread.join(timeout=0.1)
-
-
-def replicate(tree: Any, mesh: Mesh) -> Any:
-  """Places a pytree on every device of the mesh (the train state)."""
-  return jax.device_put(tree, replicated(mesh))
 
 
 def fetch(tree: Any) -> Any:
