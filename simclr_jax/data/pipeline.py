@@ -91,6 +91,23 @@ def _process_rows(perm: np.ndarray, *, spe: int, global_batch: int,
   return batches[first_batch:, lo:lo + local_batch].reshape(-1)
 
 
+def _epoch_rows(config: ml_collections.ConfigDict, num_examples: int, *,
+                start_step: int, spe: int, local_batch: int,
+                process_index: int) -> Iterator[tuple[int, np.ndarray]]:
+  """(epoch, this process's rows) from the epoch holding `start_step` on.
+
+  The first epoch starts at the resumed batch; later ones start at batch 0,
+  so both in-memory streams share one definition of the stream position.
+  """
+  epoch, first = divmod(start_step, spe)
+  while True:
+    yield epoch, _process_rows(
+        epoch_permutation(config.seed, epoch, num_examples), spe=spe,
+        global_batch=config.batch_size, local_batch=local_batch,
+        process_index=process_index, first_batch=first)
+    epoch, first = epoch + 1, 0
+
+
 def make_pretrain_iterator(config: ml_collections.ConfigDict, *,
                            process_index: int, process_count: int,
                            start_step: int = 0,
@@ -148,19 +165,14 @@ def _in_memory_raw_stream(*, config, process_index, process_count, start_step,
   """Raw uint8 batches by NumPy indexing: the TensorFlow-free path."""
   del process_count  # Implied by local_batch.
   images, labels = datasets.load_in_memory(config, config.dataset.train_split)
-  step = start_step
-  while True:
-    epoch, first = divmod(step, spe)
-    rows = _process_rows(
-        epoch_permutation(config.seed, epoch, len(labels)), spe=spe,
-        global_batch=config.batch_size, local_batch=local_batch,
-        process_index=process_index, first_batch=first)
+  for _, rows in _epoch_rows(config, len(labels), start_step=start_step,
+                             spe=spe, local_batch=local_batch,
+                             process_index=process_index):
     for idx in rows.reshape(-1, local_batch):
       batch = {'images': images[idx], 'labels': labels[idx].astype(np.int32)}
       if include_index:
         batch['index'] = idx.astype(np.int64)
       yield batch
-      step += 1
 
 
 def _view_seed(tf: Any, epoch_key: Any, index: Any, view: int) -> Any:
@@ -214,19 +226,13 @@ def _in_memory_tf_stream(*, config, process_index, process_count, start_step,
   def lookup(index):
     return tf.gather(images_t, index), tf.gather(labels_t, index), index
 
-  step = start_step
-  while True:
-    epoch, first = divmod(step, spe)
-    rows = _process_rows(
-        epoch_permutation(config.seed, epoch, len(labels)), spe=spe,
-        global_batch=config.batch_size, local_batch=local_batch,
-        process_index=process_index, first_batch=first)
+  for epoch, rows in _epoch_rows(config, len(labels), start_step=start_step,
+                                 spe=spe, local_batch=local_batch,
+                                 process_index=process_index):
     ds = tf.data.Dataset.from_tensor_slices(rows.astype(np.int64)).map(lookup)
     ds = ds.map(_two_views_fn(config, tf, epoch, include_index),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    for batch in _finish(tf, ds, local_batch).as_numpy_iterator():
-      yield batch
-      step += 1
+    yield from _finish(tf, ds, local_batch).as_numpy_iterator()
 
 
 def _resize_crop_fn(tf: Any, size: int):

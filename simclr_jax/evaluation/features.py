@@ -29,6 +29,18 @@ def _to_host(out: jax.Array) -> np.ndarray:
   return np.asarray(out, np.float32)
 
 
+def pad_rows(block: np.ndarray, rows: int) -> tuple[np.ndarray, int]:
+  """Zero-pads `block` to `rows` rows; returns (padded, number of real rows).
+
+  Every batch then has one shape, so a jitted function compiles once.
+  """
+  valid = block.shape[0]
+  if valid < rows:
+    pad = np.zeros((rows - valid,) + block.shape[1:], block.dtype)
+    block = np.concatenate([block, pad])
+  return block, valid
+
+
 def extract_features(apply_fn: Callable[..., jax.Array],
                      images: np.ndarray,
                      batch_size: int,
@@ -95,11 +107,7 @@ def extract_features(apply_fn: Callable[..., jax.Array],
   outputs = []
   pending = None  # (device result, valid rows): fetched one batch late.
   for start in range(0, n, batch):
-    block = images[start:start + batch]
-    valid = block.shape[0]
-    if valid < batch:
-      pad = np.zeros((batch - valid,) + block.shape[1:], block.dtype)
-      block = np.concatenate([block, pad])
+    block, valid = pad_rows(images[start:start + batch], batch)
     result = call(to_device(block))
     # Dispatch is asynchronous: fetching the previous batch only now lets
     # the device compute this one while the host copies and pads.

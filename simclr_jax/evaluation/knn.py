@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from simclr_jax.evaluation import features as features_lib
+
 # Same floor as torch.nn.functional.normalize: an all-zero feature vector
 # stays zero (similarity 0 to everything) instead of becoming NaN.
 _NORM_EPS = 1e-12
@@ -125,12 +127,9 @@ def knn_predict(train_features: np.ndarray | jax.Array,
   chunk = min(batch_size, n_test)
   predictions = []
   for start in range(0, n_test, chunk):
-    block = test_features[start:start + chunk]
-    valid = block.shape[0]
-    if valid < chunk:
-      # Pad the last chunk to the common shape: one compilation for all.
-      pad = np.zeros((chunk - valid,) + block.shape[1:], block.dtype)
-      block = np.concatenate([block, pad])
+    # Pad the last chunk to the common shape: one compilation for all.
+    block, valid = features_lib.pad_rows(test_features[start:start + chunk],
+                                         chunk)
     chunk_predictions = _knn_chunk_predict(
         train_norm, train_labels, jnp.asarray(block), temp, k=k,
         num_classes=num_classes)
