@@ -8,10 +8,13 @@ renames it when complete, so a run killed mid-save leaves no checkpoint that
 a restart could read half of.
 """
 
+import json
 import os
 from typing import Any
 
 import jax
+import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -69,3 +72,48 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def restore_raw(directory: str, step: int | None = None
+                ) -> tuple[dict[str, Any], int]:
+  """Restores the 'state' item of a checkpoint as a plain tree of numpy arrays.
+
+  Needs no template, so downstream modes (linear evaluation, fine-tuning,
+  export) can read a run without rebuilding its optimiser. A partially
+  written step is never visible: Orbax only lists finalised steps.
+  """
+  directory = os.path.abspath(directory)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f'no checkpoint directory {directory}')
+  with ocp.CheckpointManager(
+      directory, item_names=('state', 'data'),
+      options=ocp.CheckpointManagerOptions(create=False)) as manager:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f'no complete checkpoint in {directory}')
+    restored = manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  state = restored['state']
+  if not isinstance(state, dict):  # Orbax may return a dataclass-like tree.
+    state = dict(state)
+  return jax.tree.map(np.asarray, state), step
+
+
+def load_run(workdir: str, step: int | None = None
+             ) -> tuple[ml_collections.ConfigDict, dict[str, Any], int]:
+  """Reads a finished or interrupted run: (config, variables, step).
+
+  `workdir` is what `--workdir` was for that run (it holds config.json and
+  checkpoints/). `variables` is {'params': ..., 'batch_stats': ...} as numpy
+  arrays, the model's own variable tree, ready for `model.apply`.
+  """
+  config_path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(config_path):
+    raise FileNotFoundError(
+        f'{workdir} holds no config.json: is it the --workdir of a run?')
+  with open(config_path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  state, step = restore_raw(os.path.join(workdir, 'checkpoints'), step)
+  variables = {'params': state['params'],
+               'batch_stats': state.get('batch_stats', {})}
+  return config, variables, step

@@ -13,6 +13,9 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.method = 'simclr'
+  # Downstream modes (linear_eval, finetune, distill, embed, export) start from
+  # the checkpoint of the run whose --workdir this names.
+  c.init_from = ''
 
   # Data. `name` is 'digits' (embedded), 'synthetic', or a TFDS name such as
   # 'cifar10', 'cifar100', 'stl10', 'imagenet2012', 'imagenet2012_subset/1pct'.

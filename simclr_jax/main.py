@@ -2,7 +2,9 @@ r"""Command-line entry point.
 
   python -m simclr_jax.main --config=configs/digits.py --workdir=/tmp/run
 
-Modes: pretrain (default; then probes the frozen encoder). The same command
+Modes: pretrain (default; then probes the frozen encoder), and the downstream
+modes that start from a finished run named by --config.init_from=RUN_WORKDIR:
+linear_eval, finetune, distill, embed and export. The same command
 runs on every host of a multi-host job; re-running it in the same workdir
 resumes. Bad configs and unusable inputs end with one line on stderr and
 exit status 2.
@@ -22,7 +24,8 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Recipe file (configs/*.py).',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Checkpoints, summaries, results.json.')
-flags.DEFINE_enum('mode', 'pretrain', ['pretrain'], 'What to run.')
+MODES = ('pretrain', 'linear_eval', 'finetune', 'distill', 'embed', 'export')
+flags.DEFINE_enum('mode', 'pretrain', MODES, 'What to run.')
 flags.DEFINE_string('coordinator_address', None,
                     'host:port of process 0, for jax.distributed.initialize.')
 flags.DEFINE_integer('num_processes', None, 'Processes in the job.')
@@ -98,6 +101,32 @@ def run_pretrain(config, workdir: str) -> dict:
   return results
 
 
+def _downstream_runner(mode: str):
+  """The `run_<mode>(config, workdir) -> results` function of a mode."""
+  # Imported lazily: each mode pulls in only what it needs.
+  # pylint: disable=g-import-not-at-top
+  if mode == 'export':
+    from simclr_jax import export
+    return export.run_export
+  from simclr_jax import downstream
+  return getattr(downstream, f'run_{mode}')
+
+
+def run_downstream(mode: str, config, workdir: str) -> dict:
+  """Runs a mode that starts from another run's checkpoint."""
+  from simclr_jax import train  # pylint: disable=g-import-not-at-top
+  runner = _downstream_runner(mode)
+  try:
+    train.prepare_workdir(workdir)
+    results = runner(config, workdir)
+  except (ValueError, FileNotFoundError) as e:
+    _fail(str(e))
+  path = write_results(workdir, results)
+  logging.info('Results: %s', json.dumps(_json_safe(results)))
+  logging.info('Wrote %s', path)
+  return results
+
+
 def main(argv):
   if len(argv) > 1:
     _fail(f'unexpected arguments: {" ".join(argv[1:])}')
@@ -108,6 +137,8 @@ def main(argv):
   _initialize_distributed()
   if FLAGS.mode == 'pretrain':
     run_pretrain(FLAGS.config, FLAGS.workdir)
+  else:
+    run_downstream(FLAGS.mode, FLAGS.config, FLAGS.workdir)
 
 
 def run():
