@@ -27,4 +27,5 @@ def get_config():
   c.log_every_steps = 20
   c.checkpoint_every_steps = 100
   c.eval.knn_k = 20
+  c.eval.eval_every_epochs = 10  # kNN monitor at epochs 10 and 20.
   return c

@@ -62,6 +62,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.warmup_epochs = 10.0
 
   c.batch_size = 512  # Global batch (images; each gives two views).
+  # Gradient caching (simclr_jax/grad_cache.py): > 0 computes each step's
+  # gradient in this many chunks, for global batches larger than memory;
+  # BN statistics are then per chunk ('per_chunk') or the running ones
+  # ('frozen', exact full-batch gradient, no statistic updates).
+  c.grad_cache_chunks = 0
+  c.grad_cache_bn = 'per_chunk'
   c.num_epochs = 100
   c.train_steps = 0  # > 0 overrides num_epochs.
 
@@ -74,7 +80,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.batch_size = 512
   c.eval.knn_k = 200
   c.eval.knn_temperature = 0.1
-  c.eval.eval_every_epochs = 0  # kNN monitor during pretraining; 0 = only at the end.
+  c.eval.eval_every_epochs = 0.0  # kNN monitor during pretraining; 0 = only at the end.
+  c.eval.monitor_max_examples = 0  # Cap per split for the monitor; 0 = all.
   c.eval.fewshot_shots = (1, 5, 10)
   c.eval.fewshot_draws = 10
   c.eval.probe_random_init = True  # Also probe the same architecture at random init.

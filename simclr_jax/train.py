@@ -23,6 +23,7 @@ from absl import logging
 
 from simclr_jax import checkpointing
 from simclr_jax import config_validation
+from simclr_jax import knn_monitor
 from simclr_jax import metric_writer
 from simclr_jax import models
 from simclr_jax import optim
@@ -129,7 +130,8 @@ def make_step(setup: Setup):
       setup.model, setup.tx, setup.schedule, setup.mesh,
       temperature=c.loss.temperature, views_fn=views_fn,
       skip_nonfinite=c.on_nan == 'skip_step',
-      compute_dtype=jnp.dtype(c.model.compute_dtype))
+      compute_dtype=jnp.dtype(c.model.compute_dtype),
+      grad_cache_chunks=c.grad_cache_chunks, grad_cache_bn=c.grad_cache_bn)
 
 
 def initial_state(setup: Setup) -> train_step_lib.TrainState:
@@ -212,6 +214,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str,
       process_count=jax.process_count(), start_step=start_step)
   batches = parallel.prefetch_to_mesh(batches, mesh, config.dataset.prefetch)
   writer = metric_writer.MetricWriter(workdir)
+  monitor = knn_monitor.KnnMonitor(setup, workdir)
   stop = _StopRequest()
   total = setup.total_steps
   logging.info('Pretraining %s: %d steps (%d per epoch), global batch %d on '
@@ -259,6 +262,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str,
             scalars['learning_rate'], scalars['examples_per_sec'],
             _fmt_eta(eta))
         writer.write(step, scalars)
+      if monitor.due(step, total):
+        writer.write(step, {'knn_accuracy': monitor.measure(step, state)})
       if is_ckpt or stopping:
         ckpt.save(step, state, _data_position(setup, step), force=True)
       if stopping:
@@ -281,6 +286,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str,
       'final_train_loss': final_loss,
       'final_metrics': last_metrics,
       'resumed_from_step': resumed_from,
+      'knn_monitor': knn_monitor.read_history(workdir),
       'pretrain_wall_time_s': time.time() - t_start,
       'state': state,
   }

@@ -43,3 +43,18 @@ def test_recipe_values_match_reference():
   r50 = get('cifar10_resnet50.py')
   assert (r50.model.depth, r50.batch_size, r50.loss.temperature) == (50, 1024,
                                                                      0.5)
+
+
+def test_simclrv2_recipe_is_sk_with_three_layer_head():
+  c = defaults.load_recipe(os.path.join(ROOT, 'configs',
+                                        'imagenet_simclrv2_r50_sk.py'))
+  assert (c.model.depth, c.model.sk_ratio, c.model.num_proj_layers,
+          c.model.ft_proj_selector) == (50, 0.0625, 3, 1)
+  assert c.optim.warmup_epochs == pytest.approx(0.05 * c.num_epochs)
+  model = models.build_model(c, num_classes=1000)
+  shapes = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jax.numpy.zeros((2, 224, 224, 3)),
+                         train=False))
+  encoder = shapes['params']['encoder']
+  assert 'conv_stem1' in encoder and 'sk_conv' in encoder['stage1_block0']
+  assert 'dense3' in shapes['params']['projection_head']
