@@ -1,8 +1,20 @@
-"""Test setup: 8 virtual CPU devices unless the caller already chose."""
+"""Test setup: 8 virtual CPU devices unless the caller already chose.
+
+A persistent compilation cache shared by this session's tests and the
+training subprocesses they start: resume, fault and CLI tests compile the
+same train step several times, and on a 2-core CI machine compilation is
+most of their cost. The cache lives in a fresh temporary directory, so no
+test can pass on a program compiled by an earlier session.
+"""
 
 import os
+import tempfile
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # Keep TensorFlow and XLA from fighting over the 2 cores of a CI machine.
 os.environ.setdefault('TF_NUM_INTEROP_THREADS', '1')
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
+                      tempfile.mkdtemp(prefix='simclr_jax_test_cache_'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
