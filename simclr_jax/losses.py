@@ -6,12 +6,33 @@ against keys all-gathered from every device; the train step calls it inside
 `jax.shard_map` so each device builds a (2b x 2N) similarity matrix rather than
 (2N x 2N). Both follow the paper's normalisation, L = 1/(2N) sum over all 2N
 anchors (the reference TF code returns twice this).
+
+The rest of the family (REFERENCE §6) lives in `family_losses` (softmax and
+regression losses) and `metric_losses` (Euclidean margin losses) and is
+re-exported here, so `losses.<name>` is the one public access path.
 """
 
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from simclr_jax import family_losses
+from simclr_jax import metric_losses
+
+# Public names of the contrastive family (see family_losses for each paper).
+supcon = family_losses.supcon
+moco_infonce = family_losses.moco_infonce
+moco_v3 = family_losses.moco_v3
+byol = family_losses.byol
+sinkhorn = family_losses.sinkhorn
+swav = family_losses.swav
+instdisc_softmax = family_losses.instdisc_softmax
+instdisc_nce = family_losses.instdisc_nce
+memory_bank_update = family_losses.memory_bank_update
+hard_negative_nt_xent = family_losses.hard_negative_nt_xent
+triplet_margin = metric_losses.triplet_margin
+contrastive_margin = metric_losses.contrastive_margin
 
 # The reference masks self-similarity by subtracting a large constant.
 _LARGE_NUM = 1e9
