@@ -1,0 +1,135 @@
+"""`--mode=export`: turn a run's checkpoint into files other code can load.
+
+Reads the run named by `config.init_from` (a pretraining or fine-tuning
+--workdir) and writes into the export workdir:
+
+  flax/model.json, flax/variables.msgpack   the Flax artifact
+                                            (`export.load_encoder(workdir)`)
+  resnet{depth}.safetensors                 torchvision ResNet state_dict
+                                            (or resnet{depth}_cifar_stem...)
+  projection_head.safetensors               the head as a torch nn.Sequential
+
+Config (`config.export`, see defaults.py): `include_head` (also export the
+projection head) and `torchvision`: 'auto' writes the torchvision file when
+the encoder has a torchvision counterpart and otherwise records why not in
+results.json (so exporting the thin CPU models still yields the Flax
+artifact), 'require' makes that a one-line error, 'off' skips it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import ml_collections
+from absl import logging
+
+from simclr_jax import checkpointing
+from simclr_jax import config_validation
+from simclr_jax.export import flax_artifact
+from simclr_jax.export import torch_layout
+
+TORCHVISION_MODES = ('auto', 'require', 'off')
+
+
+def _export_options(config: ml_collections.ConfigDict) -> tuple[bool, str]:
+  export = config.get('export') or {}
+  include_head = bool(export.get('include_head', True))
+  mode = export.get('torchvision', 'auto')
+  if mode not in TORCHVISION_MODES:
+    raise ValueError(f'config.export.torchvision={mode!r} is not supported; '
+                     f'choose one of {", ".join(TORCHVISION_MODES)}')
+  return include_head, mode
+
+
+def save_safetensors(path: str, tensors: dict[str, Any],
+                     metadata: dict[str, str]) -> str:
+  """Writes numpy tensors with `safetensors.numpy` (no torch needed)."""
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  save_file(tensors, path, metadata=metadata)
+  os.chmod(path, 0o644)  # safetensors creates it owner-only; it is not secret.
+  return path
+
+
+def run_export(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Exports the run at `config.init_from`; returns paths and key counts."""
+  if not config.init_from:
+    raise ValueError('config.init_from is empty: set it to the --workdir of '
+                     'the pretraining or fine-tuning run to export')
+  include_head, tv_mode = _export_options(config)
+  run_config, variables, step = checkpointing.load_run(config.init_from)
+  m = run_config.model
+  encoder_config = dict(
+      depth=m.depth, width_multiplier=m.width_multiplier,
+      sk_ratio=m.sk_ratio,
+      cifar_stem=config_validation.uses_cifar_stem(run_config))
+  encoder = torch_layout.split_variables(variables, 'encoder')
+  head, head_config = None, None
+  if include_head and variables['params'].get('projection_head'):
+    head = torch_layout.split_variables(variables, 'projection_head')
+    # A fine-tuning run keeps only the first ft_proj_selector layers.
+    kept = sum(1 for k in head['params'] if k.startswith('dense'))
+    head_config = dict(num_layers=kept, out_dim=m.proj_out_dim)
+    if kept < m.num_proj_layers:
+      head_config['total_layers'] = m.num_proj_layers
+  source = dict(init_from=os.path.abspath(config.init_from), step=int(step),
+                method=run_config.get('method', 'simclr'))
+  writer = jax.process_index() == 0
+  if writer:
+    os.makedirs(workdir, exist_ok=True)
+  results: dict[str, Any] = dict(init_from=source['init_from'],
+                                 checkpoint_step=int(step))
+
+  flax_dir = os.path.join(workdir, 'flax')
+  if writer:
+    paths = flax_artifact.save(flax_dir, encoder_config, encoder, head_config,
+                               head, source)
+    results.update(flax_model_json=paths['model_json'],
+                   flax_variables=paths['variables'])
+  results.update(
+      flax_artifact=flax_dir,
+      flax_num_arrays=len(jax.tree.leaves(encoder)) + len(
+          jax.tree.leaves(head) if head is not None else []))
+
+  results.update(torchvision_state_dict=None, torchvision_num_keys=0,
+                 torchvision_skipped=None)
+  if tv_mode != 'off':
+    try:
+      state_dict = torch_layout.to_torchvision(encoder, allow_cifar_stem=True)
+    except ValueError as e:
+      if tv_mode == 'require':
+        raise
+      logging.warning('No torchvision export: %s', e)
+      results['torchvision_skipped'] = str(e)
+    else:
+      depth = encoder_config['depth']
+      suffix = '_cifar_stem' if encoder_config['cifar_stem'] else ''
+      path = os.path.join(workdir, f'resnet{depth}{suffix}.safetensors')
+      meta = dict(format='torchvision.models.resnet', depth=str(depth),
+                  stem='cifar' if suffix else 'imagenet')
+      if suffix:
+        results['torchvision_note'] = (
+            'CIFAR stem: set model.conv1 = nn.Conv2d(3, 64, 3, 1, 1, '
+            'bias=False) and model.maxpool = nn.Identity() before loading')
+      if writer:
+        save_safetensors(path, state_dict, meta)
+      results.update(torchvision_state_dict=path,
+                     torchvision_num_keys=len(state_dict))
+
+  results.update(projection_head_state_dict=None,
+                 projection_head_num_keys=0)
+  if head is not None:
+    head_dict = torch_layout.projection_head_to_torch(head)
+    path = os.path.join(workdir, 'projection_head.safetensors')
+    meta = dict(format='torch.nn.Sequential(Linear, BatchNorm1d, ReLU, ...)',
+                num_layers=str(head_config['num_layers']),
+                total_layers=str(head_config.get(
+                    'total_layers', head_config['num_layers'])),
+                out_dim=str(head_config['out_dim']))
+    if writer:
+      save_safetensors(path, head_dict, meta)
+    results.update(projection_head_state_dict=path,
+                   projection_head_num_keys=len(head_dict))
+  logging.info('Exported %s (step %d) to %s', config.init_from, step, workdir)
+  return results
