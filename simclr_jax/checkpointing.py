@@ -25,9 +25,12 @@ class Checkpointer:
   def __init__(self, directory: str, max_to_keep: int = 2,
                async_save: bool = True):
     self.directory = os.path.abspath(directory)
+    # A run killed mid-save leaves a '<step>.orbax-checkpoint-tmp' directory.
+    # Orbax never lists it as a step; removing it at start keeps the
+    # directory clean (a later save of the same step would replace it anyway).
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=True,
-        enable_async_checkpointing=async_save)
+        enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
     self._manager = ocp.CheckpointManager(
         self.directory, options=options, item_names=('state', 'data'))
 
@@ -91,8 +94,13 @@ def restore_raw(directory: str, step: int | None = None
     step = manager.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f'no complete checkpoint in {directory}')
+    # A checkpoint written by a multi-host job names devices this process
+    # does not have (e.g. ids 2048.. of host 1); the fallback puts such
+    # arrays on one local device instead of failing with a topology error.
     restored = manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(
+            fallback_sharding=jax.sharding.SingleDeviceSharding(
+                jax.local_devices()[0]))))
   state = restored['state']
   if not isinstance(state, dict):  # Orbax may return a dataclass-like tree.
     state = dict(state)

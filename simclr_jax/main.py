@@ -36,6 +36,10 @@ flags.DEFINE_integer('stop_after_steps', None,
 flags.DEFINE_bool('distributed', False,
                   'Call jax.distributed.initialize() with no arguments, '
                   'letting JAX detect the cluster (Cloud TPU, Slurm).')
+flags.DEFINE_integer('initialization_timeout', 300,
+                     'Seconds to wait for the coordinator and every process '
+                     'to join a multi-process job before exiting with one '
+                     'line on stderr.')
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -44,13 +48,14 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def _initialize_distributed() -> None:
-  import jax  # pylint: disable=g-import-not-at-top
-  if FLAGS.coordinator_address or FLAGS.num_processes:
-    jax.distributed.initialize(
-        coordinator_address=FLAGS.coordinator_address,
-        num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-  elif FLAGS.distributed:
-    jax.distributed.initialize()
+  """Joins a multi-process job (if the flags ask) before any device use."""
+  from simclr_jax import distributed  # pylint: disable=g-import-not-at-top
+  try:
+    distributed.initialize(
+        FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+        auto=FLAGS.distributed, timeout_s=FLAGS.initialization_timeout)
+  except distributed.InitializationError as e:
+    _fail(str(e))
 
 
 def _json_safe(x):
@@ -142,7 +147,8 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  from simclr_jax import config_validation  # pylint: disable=g-import-not-at-top
+  app.run(main, flags_parser=config_validation.parse_flags)
 
 
 if __name__ == '__main__':

@@ -1,0 +1,217 @@
+"""Multi-process runs on JAX's distributed runtime, on localhost CPUs.
+
+The 2-process test is the real thing at toy size: two `simclr_jax.main`
+processes x 4 virtual CPU devices join through a coordinator on a free local
+port, run their collectives over gloo, read disjoint halves of every global
+batch, and write one Orbax checkpoint together. It must train exactly what
+one process with 8 devices trains.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from simclr_jax import checkpointing
+from simclr_jax import distributed
+from simclr_jax.data import pipeline
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, 'configs', 'digits.py')
+
+# A tiny model; no warmup, so 3 steps move the weights far (about 1.4 at
+# most) compared with the tolerance below.
+OVERRIDES = {
+    'model.width_multiplier': 0.125,
+    'model.proj_out_dim': 16,
+    'dataset.image_size': 16,
+    'batch_size': 64,
+    'optim.warmup_epochs': 0.0,
+    'train_steps': 4,  # With stop_after_steps=3: same schedule, no evaluation.
+    'log_every_steps': 1,
+    'eval.probe_random_init': False,
+}
+STOP_AFTER = 3
+# Same program and data, but the gradient all-reduce runs over gloo between
+# processes instead of inside one process, so the 8 devices' terms add in
+# another order. Step 1 shows that rounding alone (measured: 1.6e-7 relative
+# in loss and gradient norm); training then amplifies it about 10x a step
+# through LARS's per-layer ratios, most in the BatchNorm scales and biases,
+# whose gradients are sums with cancellation (measured after 3 steps: 2.5e-4
+# at most, in the stem's BN bias). A real fault (a host reading the wrong
+# rows, a gradient scaled by 1/processes) differs at step 1 by far more.
+STEP1_RTOL = 1e-6
+LOSS_RTOL = 2e-5
+PARAM_RTOL = PARAM_ATOL = 1e-3
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def _env(devices: int) -> dict:
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(('JAX_COORDINATOR', 'JAX_CPU_COLLECTIVES'))}
+  # Both runs compile with the same cheap XLA settings: about 3x less CPU
+  # time to compile, and the comparison is between topologies, not levels.
+  env.update(XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} '
+             '--xla_backend_optimization_level=0 '
+             '--xla_llvm_disable_expensive_passes=true',
+             JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
+             TF_NUM_INTEROP_THREADS='1')
+  return env
+
+
+def _main_cmd(workdir, *flags):
+  overrides = [f'--config.{k}={v}' for k, v in OVERRIDES.items()]
+  return [sys.executable, '-m', 'simclr_jax.main', f'--config={CONFIG}',
+          f'--workdir={workdir}', *overrides, *flags]
+
+
+def _metric(workdir, name):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line)[name] for line in f]
+
+
+def _tail(path, n=3000):
+  with open(path, errors='replace') as f:
+    return f.read()[-n:]
+
+
+def _start(cmd, devices, log):
+  with open(log, 'w') as f:
+    return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT,
+                            env=_env(devices), cwd=ROOT)
+
+
+def test_two_processes_train_what_one_process_trains(tmp_path):
+  two_dir, one_dir = str(tmp_path / 'two'), str(tmp_path / 'one')
+  stop = f'--stop_after_steps={STOP_AFTER}'
+  port = _free_port()
+  logs = [str(tmp_path / f'{name}.log') for name in ('p0', 'p1', 'one')]
+  # All three at once: the 2-process job and the 1 process x 8 devices
+  # reference, which runs the same config through the same entry point.
+  procs = [
+      _start(_main_cmd(two_dir, f'--coordinator_address=localhost:{port}',
+                       '--num_processes=2', f'--process_id={i}',
+                       '--initialization_timeout=120', stop), 4, logs[i])
+      for i in range(2)]
+  procs.append(_start(_main_cmd(one_dir, stop), 8, logs[2]))
+  try:
+    for p, log in zip(procs, logs):
+      assert p.wait(timeout=600) == 0, _tail(log)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+
+  # The checkpoint both processes wrote restores in this single process
+  # (8 devices here, none of them the 2-process job's) and holds what the
+  # 1-process run trained.
+  _, two, step = checkpointing.load_run(two_dir)
+  _, one, one_step = checkpointing.load_run(one_dir)
+  assert step == one_step == STOP_AFTER
+  assert jax.tree.structure(two) == jax.tree.structure(one)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(
+      a, b, rtol=PARAM_RTOL, atol=PARAM_ATOL), two, one)
+  # Not vacuous: training moved the weights far more than the tolerance
+  # (the largest single change from init is about 1.4).
+  norms = _metric(one_dir, 'param_norm')
+  assert abs(norms[-1] - norms[0]) > 20 * PARAM_ATOL, norms
+
+  # Same loss at every step; process 0 alone wrote the logs and results.
+  for name in ('loss', 'grad_norm'):
+    two_m, one_m = _metric(two_dir, name), _metric(one_dir, name)
+    assert len(two_m) == len(one_m) == STOP_AFTER
+    np.testing.assert_allclose(two_m[0], one_m[0], rtol=STEP1_RTOL)
+    np.testing.assert_allclose(two_m, one_m, rtol=LOSS_RTOL)
+  results = []
+  for workdir in (two_dir, one_dir):
+    with open(os.path.join(workdir, 'results.json')) as f:
+      results.append(json.load(f))
+  assert results[0]['steps'] == STOP_AFTER and results[0]['interrupted']
+  np.testing.assert_allclose(results[0]['final_train_loss'],
+                             results[1]['final_train_loss'], rtol=LOSS_RTOL)
+  log0, log1 = _tail(logs[0], 10**6), _tail(logs[1], 10**6)
+  assert 'global batch 64 on 8 devices' in log0
+  assert 'step 3/4' in log0 and 'step 3/4' not in log1
+
+
+def test_unreachable_coordinator_fails_fast_with_one_line(tmp_path):
+  timeout_s = 5
+  t0 = time.time()
+  r = subprocess.run(
+      _main_cmd(str(tmp_path), f'--coordinator_address=localhost:'
+                f'{_free_port()}', '--num_processes=2', '--process_id=1',
+                f'--initialization_timeout={timeout_s}'),
+      capture_output=True, text=True, env=_env(4), cwd=ROOT, timeout=120)
+  elapsed = time.time() - t0
+  assert r.returncode == distributed.EXIT_INIT_TIMEOUT, r.stderr[-2000:]
+  last = r.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: process 1 of 2 could not reach the '
+                         'coordinator at localhost:'), last
+  assert 'Traceback' not in r.stderr and 'Check failure' not in r.stderr
+  # Python and JAX start-up plus the deadline; far below the native 35 s.
+  assert elapsed < timeout_s + 25, elapsed
+
+
+@pytest.mark.parametrize('kwargs,expected', [
+    (dict(coordinator_address='localhost:1234', num_processes=2),
+     'needs --process_id too'),
+    (dict(coordinator_address='localhost', num_processes=2, process_id=0),
+     'must be HOST:PORT'),
+    (dict(coordinator_address='localhost:1234', num_processes=2,
+          process_id=2), '--process_id=2 must be in 0..1'),
+])
+def test_bad_distributed_flags_are_one_line(kwargs, expected):
+  with pytest.raises(distributed.InitializationError, match=expected):
+    distributed.initialize(**kwargs)
+
+
+def test_single_process_run_initializes_nothing():
+  assert distributed.initialize() is False
+
+
+@pytest.mark.parametrize('process_count', [2, 4])
+def test_host_shards_are_disjoint_and_cover_each_epoch(process_count):
+  c = ml_collections.ConfigDict({'seed': 3, 'batch_size': 48})
+  num_examples, spe = 1000, 1000 // 48
+  local = c.batch_size // process_count
+  # Two epochs from a stream that starts mid-epoch (a resumed run).
+  resumed = [pipeline._epoch_rows(c, num_examples, start_step=spe + 5,
+                                  spe=spe, local_batch=local, process_index=p)
+             for p in range(process_count)]
+  for epoch in (0, 1):
+    perm = pipeline.epoch_permutation(c.seed, epoch, num_examples)
+    rows = [next(s) for s in
+            (pipeline._epoch_rows(c, num_examples, start_step=epoch * spe,
+                                  spe=spe, local_batch=local, process_index=p)
+             for p in range(process_count))]
+    assert all(e == epoch for e, _ in rows)
+    per_host = [r for _, r in rows]
+    union = np.concatenate(per_host)
+    assert len(union) == spe * c.batch_size
+    assert len(np.unique(union)) == len(union)  # Disjoint across hosts.
+    # Together they are exactly the epoch's full batches, and step by step
+    # the hosts' rows laid side by side are the 1-process global batch.
+    np.testing.assert_array_equal(np.sort(union),
+                                  np.sort(perm[:spe * c.batch_size]))
+    side_by_side = np.stack([r.reshape(spe, local) for r in per_host], 1)
+    np.testing.assert_array_equal(side_by_side.reshape(-1),
+                                  perm[:spe * c.batch_size])
+  first = [next(r) for r in resumed]
+  assert all(e == 1 for e, _ in first)
+  union = np.concatenate([r for _, r in first])
+  assert len(union) == len(np.unique(union)) == (spe - 5) * c.batch_size
+  perm1 = pipeline.epoch_permutation(c.seed, 1, num_examples)
+  np.testing.assert_array_equal(
+      np.sort(union), np.sort(perm1[5 * c.batch_size:spe * c.batch_size]))
