@@ -28,4 +28,13 @@ def get_config():
   c.checkpoint_every_steps = 100
   c.eval.knn_k = 20
   c.eval.eval_every_epochs = 10  # kNN monitor at epochs 10 and 20.
+  # Downstream modes on the run above (--config.init_from=ITS_WORKDIR), each
+  # a minute or two on 2 idle CPU cores.
+  # Few steps (337), so a higher peak LR than the reference's 0.1 x B/256.
+  c.linear_eval.update(dict(epochs=30.0, batch_size=128, learning_rate=1.0))
+  c.finetune.update(dict(epochs=60.0, batch_size=64, learning_rate=0.4,
+                         lr_scaling='linear', label_fraction=0.1))
+  c.model.ft_proj_selector = 1  # SimCLRv2: fine-tune from head layer 1.
+  c.distill.update(dict(epochs=20.0, batch_size=128, learning_rate=0.8,
+                        lr_scaling='linear'))
   return c

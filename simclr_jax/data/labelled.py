@@ -1,0 +1,194 @@
+"""Labelled training streams and label fractions for the downstream modes.
+
+Linear evaluation, fine-tuning and distillation train on labelled images with
+crop + flip only (REFERENCE §4). Two sources:
+
+  * Arrays (digits, synthetic, CIFAR, STL-10: anything that fits in host
+    memory): the split's raw uint8 images at dataset.raw_size, yielded as
+    {'images': uint8 (b, R, R, 3), 'labels': int32 (b,)}. The crop + flip is
+    done on device inside the jitted step (augment.jax_finetune_views, the
+    same distribution as augment.tf_finetune_view), so no TensorFlow is
+    needed for in-memory datasets.
+  * TFDS streams (the ImageNet family, too big to materialise): tf.data with
+    augment.tf_finetune_view, yielding {'views': float32 (b, S, S, 3),
+    'labels'}.
+
+Label fractions (REFERENCE §5): ImageNet uses the official TFDS subsets
+`imagenet2012_subset/1pct` and `/10pct`; every other dataset a seeded,
+class-stratified fraction of its training split (`label_subset`). The
+evaluation split is never read for training.
+
+Batches are host-local (global batch / process count rows, process p taking
+rows [p*b, (p+1)*b) of each global batch), for parallel.prefetch_to_mesh.
+"""
+
+from collections.abc import Iterator
+import ml_collections
+import numpy as np
+
+from simclr_jax.data import datasets
+from simclr_jax.data import pipeline
+from simclr_jax.evaluation import probe
+
+Batch = dict[str, np.ndarray]
+
+# label_fraction -> official ImageNet subset (SimCLRv2 semi-supervised).
+IMAGENET_SUBSETS = {0.01: 'imagenet2012_subset/1pct',
+                    0.1: 'imagenet2012_subset/10pct'}
+# Examples per tf.data batch when reading an evaluation split in chunks.
+_EVAL_CHUNK = 1024
+
+
+def is_streamed(name: str) -> bool:
+  """ImageNet is streamed with tf.data; everything else is held in memory."""
+  return name.startswith('imagenet2012')
+
+
+def label_subset(labels: np.ndarray, fraction: float, seed: int
+                 ) -> np.ndarray:
+  """Sorted indices of a seeded, class-stratified `fraction` of `labels`.
+
+  Every class keeps round(fraction * its count) examples (at least one), so
+  the subset has the class balance of the full split; the same seed always
+  gives the same subset.
+  """
+  if fraction == 1.0:
+    return np.arange(len(labels), dtype=np.int64)
+  return probe.stratified_fraction(labels, fraction, seed)
+
+
+def imagenet_source(name: str, fraction: float) -> str:
+  """The TFDS dataset holding `fraction` of ImageNet's labels.
+
+  Raises:
+    ValueError: for a fraction without an official subset.
+  """
+  if fraction == 1.0:
+    return name
+  if name != 'imagenet2012' or fraction not in IMAGENET_SUBSETS:
+    raise ValueError(
+        f'finetune.label_fraction={fraction} with dataset.name={name!r}: '
+        'ImageNet label fractions are the official TFDS subsets, so use '
+        "dataset.name='imagenet2012' with label_fraction 0.01 or 0.1 (or 1.0 "
+        'for all labels)')
+  return IMAGENET_SUBSETS[fraction]
+
+
+def tfds_num_examples(config: ml_collections.ConfigDict, name: str,
+                      split: str) -> int:
+  """Size of a TFDS split (checking that it is prepared)."""
+  tfds = datasets.import_tfds(name)
+  builder = tfds.builder(name, data_dir=config.dataset.data_dir)
+  return datasets.tfds_split_size(builder, name, split)
+
+
+def load_labelled_arrays(config: ml_collections.ConfigDict,
+                         fraction: float = 1.0, seed: int = 0
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(raw uint8 images, int32 labels, indices) of a fraction of the train split.
+
+  `indices` are the rows of the full training split that were kept, so a
+  caller can mark the same subset inside the full split (distillation's
+  labelled part).
+  """
+  images, labels = pipeline.load_train_arrays_raw(config)
+  idx = label_subset(labels, fraction, seed)
+  return images[idx], labels[idx].astype(np.int32), idx
+
+
+def index_stream(num_examples: int, global_batch: int, seed: int
+                 ) -> Iterator[np.ndarray]:
+  """Endless global batches of example indices, one permutation per epoch.
+
+  Batches run across epoch boundaries instead of dropping a remainder, so a
+  small labelled subset (10% of digits is 144 images) is used whole every
+  epoch, and a batch larger than the subset still works. Epoch e's order is
+  a function of (seed, e) only.
+  """
+  if num_examples <= 0:
+    raise ValueError('the labelled training set is empty')
+  epoch = 0
+  pending = np.zeros((0,), np.int64)
+  while True:
+    while pending.size < global_batch:
+      order = np.random.default_rng([int(seed) % (1 << 32), epoch])
+      pending = np.concatenate([pending, order.permutation(num_examples)])
+      epoch += 1
+    yield pending[:global_batch]
+    pending = pending[global_batch:]
+
+
+def array_batches(images: np.ndarray, labels: np.ndarray, *,
+                  global_batch: int, seed: int, process_index: int = 0,
+                  process_count: int = 1) -> Iterator[Batch]:
+  """Host-local raw batches from in-memory arrays (augmented on device)."""
+  local = global_batch // process_count
+  lo = process_index * local
+  for idx in index_stream(len(labels), global_batch, seed):
+    rows = idx[lo:lo + local]
+    yield {'images': images[rows], 'labels': labels[rows].astype(np.int32)}
+
+
+def tfds_batches(config: ml_collections.ConfigDict, name: str, split: str, *,
+                 global_batch: int, seed: int, process_index: int = 0,
+                 process_count: int = 1,
+                 with_labels: bool = True) -> Iterator[Batch]:
+  """Host-local crop + flip views streamed from a TFDS split with tf.data.
+
+  Each process reads its own even share of the split. Views are seeded by
+  (seed, position in this process's stream), so a run is repeatable.
+  `with_labels=False` marks every label -1 (unlabelled data for
+  distillation).
+  """
+  from simclr_jax.data import augment  # pylint: disable=g-import-not-at-top
+  tf = datasets.import_tf(f'TFDS dataset {name!r}')
+  tfds = datasets.import_tfds(name)
+  builder = tfds.builder(name, data_dir=config.dataset.data_dir)
+  datasets.tfds_split_size(builder, name, split)  # Fails if not prepared.
+  local = global_batch // process_count
+  part = tfds.even_splits(split, n=process_count,
+                          drop_remainder=True)[process_index]
+  size = int(config.dataset.image_size)
+  ds = builder.as_dataset(split=part, shuffle_files=True,
+                          read_config=tfds.ReadConfig(shuffle_seed=seed))
+  buffer = max(1, int(config.dataset.shuffle_buffer_multiplier) * local)
+  ds = ds.repeat().shuffle(buffer, seed=seed).enumerate()
+  process_seed = int(seed) * 1000003 + process_index
+
+  def fn(i, ex):
+    view_seed = tf.stack([tf.constant(process_seed, tf.int64), i])
+    label = (tf.cast(ex['label'], tf.int32) if with_labels
+             else tf.constant(-1, tf.int32))
+    return {'views': augment.tf_finetune_view(ex['image'], size,
+                                              seed=view_seed),
+            'labels': label}
+
+  ds = ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(local, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+  return ds.as_numpy_iterator()
+
+
+def eval_chunks(config: ml_collections.ConfigDict, split: str | None = None
+                ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """(float32 images, int32 labels) of the evaluation split, in order.
+
+  In-memory datasets come as one chunk; TFDS ones in chunks of
+  _EVAL_CHUNK, so a 50k-image ImageNet validation set is never held whole.
+  Images get the evaluation preprocessing (REFERENCE §4).
+  """
+  split = config.dataset.eval_split if split is None else split
+  name = config.dataset.name
+  if not is_streamed(name):
+    yield pipeline.load_eval_arrays(config, split)
+    return
+  from simclr_jax.data import augment  # pylint: disable=g-import-not-at-top
+  tf = datasets.import_tf(f'TFDS dataset {name!r}')
+  builder = datasets.tfds_builder(config)
+  datasets.tfds_split_size(builder, name, split)
+  size = int(config.dataset.image_size)
+  ds = builder.as_dataset(split=split, shuffle_files=False)
+  ds = ds.map(lambda ex: (augment.tf_eval(ex['image'], size),
+                          tf.cast(ex['label'], tf.int32)),
+              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  yield from ds.batch(_EVAL_CHUNK).prefetch(2).as_numpy_iterator()
+

@@ -1,0 +1,139 @@
+"""Classifier for linear evaluation, fine-tuning and distillation.
+
+encoder f -> the first `head_layers` layers of the projection head g ->
+linear classifier, with the parameter tree {'encoder', 'projection_head',
+'classifier'}. The encoder and head layers carry exactly the names and shapes
+of `SimCLRModel`'s, so a pretrained run's weights copy in by key and the
+fine-tuned encoder exports like a pretrained one (params['encoder']).
+
+`head_layers` is the reference's ft_proj_selector (REFERENCE §2): 0 puts the
+classifier on the encoder output h, k on the output of head layer k (after its
+ReLU for hidden layers), i.e. on `SimCLRModel(...)['head_hiddens'][k]`.
+SimCLRv2 fine-tunes from layer 1.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from simclr_jax.models import heads
+from simclr_jax.models import resnet
+
+Dtype = Any
+
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+class HeadLayers(nn.Module):
+  """The first `num_layers` of a `heads.ProjectionHead` of `total_layers`.
+
+  Same layer names (dense{i}, bn{i}) and rules as ProjectionHead: Dense
+  without bias then BN; hidden layers keep the input width and use ReLU; the
+  last layer of the full head outputs `out_dim` and its BN has no beta. The
+  full head cannot be reused as is because its unkept layers would need
+  parameters that a fine-tuned model deliberately drops.
+  """
+  num_layers: int
+  total_layers: int
+  out_dim: int = 128
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, h: jax.Array, train: bool) -> jax.Array:
+    hidden_dim = h.shape[-1]
+    x = h
+    for i in range(1, self.num_layers + 1):
+      last = i == self.total_layers
+      x = nn.Dense(self.out_dim if last else hidden_dim, use_bias=False,
+                   dtype=self.dtype, param_dtype=jnp.float32,
+                   kernel_init=heads.dense_kernel_init, name=f'dense{i}')(x)
+      x = nn.BatchNorm(use_running_average=not train,
+                       momentum=resnet.BN_MOMENTUM, epsilon=resnet.BN_EPSILON,
+                       use_bias=not last, use_scale=True, dtype=self.dtype,
+                       param_dtype=jnp.float32, name=f'bn{i}')(x)
+      if not last:
+        x = nn.relu(x)
+    return x
+
+
+class Classifier(nn.Module):
+  """ResNet encoder + kept head layers + linear classifier.
+
+  Attributes:
+    depth, width_multiplier, sk_ratio, cifar_stem: the `resnet.ResNet`.
+    head_layers: projection-head layers kept (ft_proj_selector).
+    total_head_layers: layers of the pretrained head (decides whether the
+      last kept layer is the head's output layer).
+    proj_out_dim: width of the head's output layer.
+    num_classes: classifier outputs.
+    frozen_encoder: run the encoder in inference mode (BN uses its running
+      statistics) behind stop_gradient, as linear evaluation needs
+      (REFERENCE §5); the optimiser must also leave its weights alone.
+    dtype: computation dtype; parameters and logits are float32.
+  """
+  depth: int = 50
+  width_multiplier: float = 1
+  sk_ratio: float = 0.0
+  cifar_stem: bool = False
+  head_layers: int = 0
+  total_head_layers: int = 2
+  proj_out_dim: int = 128
+  num_classes: int = 1000
+  frozen_encoder: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> dict[str, jax.Array]:
+    """Returns {'features': classifier input, 'logits': (N, classes)}."""
+    h = resnet.ResNet(
+        depth=self.depth, width_multiplier=self.width_multiplier,
+        sk_ratio=self.sk_ratio, cifar_stem=self.cifar_stem, dtype=self.dtype,
+        name='encoder')(x, train and not self.frozen_encoder)
+    if self.frozen_encoder:
+      h = jax.lax.stop_gradient(h)
+    if self.head_layers:
+      h = HeadLayers(self.head_layers, self.total_head_layers,
+                     self.proj_out_dim, dtype=self.dtype,
+                     name='projection_head')(h, train)
+    h = h.astype(jnp.float32)
+    logits = heads.LinearHead(self.num_classes, name='classifier')(h)
+    return {'features': h, 'logits': logits}
+
+
+def uses_cifar_stem(model_config: ml_collections.ConfigDict,
+                    image_size: int) -> bool:
+  """REFERENCE §2: the CIFAR stem for images of size <= 32 ('auto')."""
+  if model_config.stem == 'auto':
+    return image_size <= 32
+  return model_config.stem == 'cifar'
+
+
+def build_classifier(run_config: ml_collections.ConfigDict, *,
+                     head_layers: int, num_classes: int,
+                     frozen_encoder: bool = False,
+                     compute_dtype: str | None = None) -> Classifier:
+  """A Classifier with the architecture of `run_config.model`.
+
+  `run_config` is the config of the run whose encoder is used (the source
+  pretraining run, or the current config for a distillation student), so the
+  stem is the one that run was built with even if the downstream image size
+  differs.
+  """
+  m = run_config.model
+  resnet.check_depth(m.depth)
+  dtype = compute_dtype or m.get('compute_dtype', 'float32')
+  if dtype not in _DTYPES:
+    raise ValueError(f'model.compute_dtype={dtype!r} is not supported; '
+                     f'choose one of {", ".join(_DTYPES)}')
+  return Classifier(
+      depth=m.depth, width_multiplier=m.width_multiplier,
+      sk_ratio=m.sk_ratio,
+      cifar_stem=uses_cifar_stem(m, run_config.dataset.image_size),
+      head_layers=head_layers, total_head_layers=m.num_proj_layers,
+      proj_out_dim=m.proj_out_dim, num_classes=num_classes,
+      frozen_encoder=frozen_encoder, dtype=_DTYPES[dtype])
