@@ -5,6 +5,8 @@ allowed, so a bad launch on a pod fails in seconds with a readable message
 instead of a traceback from deep inside XLA or tf.data.
 """
 
+import sys
+
 import ml_collections
 
 from simclr_jax.models.resnet import STAGE_SIZES
@@ -15,6 +17,7 @@ BACKENDS = ('tf', 'jax')
 STEMS = ('auto', 'cifar', 'imagenet')
 DTYPES = ('float32', 'bfloat16')
 ON_NAN = ('stop', 'skip_step')
+ON_CORRUPT = ('skip', 'fail')
 
 
 class ConfigError(ValueError):
@@ -32,6 +35,22 @@ def _positive(field: str, value, allow_zero: bool = False) -> None:
   if not ok:
     bound = '>= 0' if allow_zero else '> 0'
     raise ConfigError(f'config.{field}={value!r} is invalid: must be {bound}')
+
+
+def _integer(field: str, value, minimum: int) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    raise ConfigError(f'config.{field}={value!r} is invalid: must be an '
+                      f'integer >= {minimum}')
+
+
+def _methods() -> tuple[str, ...]:
+  """The names config.method may take (the method registry, if present)."""
+  try:
+    # pylint: disable-next=g-import-not-at-top
+    from simclr_jax.methods import METHODS
+  except ImportError:
+    return ('simclr',)
+  return tuple(sorted(METHODS))
 
 
 def uses_cifar_stem(config: ml_collections.ConfigDict) -> bool:
@@ -55,6 +74,9 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
   _choice('optim.name', config.optim.name, OPTIMIZERS)
   _choice('optim.lr_scaling', config.optim.lr_scaling, LR_SCALINGS)
   _choice('on_nan', config.on_nan, ON_NAN)
+  _choice('dataset.on_corrupt', config.dataset.get('on_corrupt', 'skip'),
+          ON_CORRUPT)
+  _choice('method', config.method, _methods())
   _positive('model.width_multiplier', config.model.width_multiplier)
   _positive('model.proj_out_dim', config.model.proj_out_dim)
   _positive('model.num_proj_layers', config.model.num_proj_layers,
@@ -67,12 +89,45 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
             allow_zero=True)
   _positive('augment.color_strength', config.augment.color_strength,
             allow_zero=True)
-  _positive('log_every_steps', config.log_every_steps)
-  _positive('checkpoint_every_steps', config.checkpoint_every_steps)
+  if not 0.0 <= config.optim.momentum < 1.0:  # Also rejects NaN.
+    raise ConfigError(f'config.optim.momentum={config.optim.momentum!r} is '
+                      'invalid: must be in [0, 1)')
+  _integer('log_every_steps', config.log_every_steps, 1)
+  _integer('checkpoint_every_steps', config.checkpoint_every_steps, 1)
+  _integer('keep_checkpoints', config.keep_checkpoints, 1)
+  _integer('train_steps', config.train_steps, 0)
+  _positive('num_epochs', config.num_epochs, allow_zero=True)
   if config.train_steps <= 0 and config.num_epochs <= 0:
     raise ConfigError(
         f'config.num_epochs={config.num_epochs} and config.train_steps='
         f'{config.train_steps}: one of them must be > 0')
+  # With train_steps set (smoke tests, benchmarks) the epoch count is not
+  # known before the dataset is read, and a short run that never leaves
+  # warmup is legitimate there; for an epoch-defined run it is a mistake.
+  if (config.train_steps <= 0 and
+      config.optim.warmup_epochs > config.num_epochs):
+    raise ConfigError(
+        f'config.optim.warmup_epochs={config.optim.warmup_epochs} is longer '
+        f'than training (config.num_epochs={config.num_epochs}): must be <= '
+        'num_epochs')
+  if 'debug' in config:
+    _integer('debug.inject_nan_at_step', config.debug.inject_nan_at_step, -1)
+  _integer('dataset.raw_size', config.dataset.raw_size, 0)
+  _integer('dataset.prefetch', config.dataset.prefetch, 0)
+  _positive('dataset.shuffle_buffer_multiplier',
+            config.dataset.shuffle_buffer_multiplier)
+  _integer('eval.knn_k', config.eval.knn_k, 1)
+  _positive('eval.knn_temperature', config.eval.knn_temperature)
+  _integer('eval.batch_size', config.eval.batch_size, 1)
+  _integer('eval.fewshot_draws', config.eval.fewshot_draws, 1)
+  for shots in config.eval.fewshot_shots:
+    _integer('eval.fewshot_shots', shots, 1)
+  finetune = config.get('finetune')
+  if finetune is not None and 'label_fraction' in finetune:
+    if not 0.0 < finetune.label_fraction <= 1.0:  # Also rejects NaN.
+      raise ConfigError(
+          f'config.finetune.label_fraction={finetune.label_fraction!r} is '
+          'invalid: must be in (0, 1]')
 
   # The ImageNet stem and four stages downsample by 32; below that the
   # last stage would see an empty feature map.
@@ -93,3 +148,43 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
   if b % process_count:
     raise ConfigError(f'config.batch_size={b} must divide over '
                       f'{process_count} processes')
+  # Gradient caching: every chunk must still be sharded evenly over the
+  # devices (grad_cache.py interleaves chunks across them).
+  chunks = config.get('grad_cache_chunks', 0)
+  _choice('grad_cache_bn', config.get('grad_cache_bn', 'per_chunk'),
+          ('per_chunk', 'frozen'))
+  if not isinstance(chunks, int) or chunks < 0:
+    raise ConfigError(f'config.grad_cache_chunks={chunks!r} is invalid: '
+                      'must be an integer >= 0 (0 = off)')
+  if chunks and b % (chunks * num_devices):
+    raise ConfigError(
+        f'config.grad_cache_chunks={chunks} does not split '
+        f'config.batch_size={b} evenly over {num_devices} devices: the '
+        f'batch must be a multiple of chunks x devices = '
+        f'{chunks * num_devices}')
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flags parser for main: an unknown --config.* field is one line.
+
+  ml_collections rejects an override of a field the config does not have
+  (good: a typo must not be silently ignored) but raises it as a traceback
+  out of flag parsing; this prints `error: ...` and exits 2 like every other
+  config error. Other flag errors keep absl's own one-line message.
+  """
+  from absl import app  # pylint: disable=g-import-not-at-top
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    detail = e
+    while isinstance(detail, BaseException) and detail.args:
+      detail = detail.args[0]  # ml_collections nests KeyError in the error.
+    lines = str(detail).splitlines() or ['?']
+    name = lines[0].strip('\'"')
+    flag = next((a.split('=')[0] for a in argv[1:]
+                 if a.startswith('--config.') and
+                 name in a.split('=')[0].split('.')), None)
+    hint = ' '.join(' '.join(lines[1:]).split())
+    print(f'error: {flag or name}: the config has no field {name!r}'
+          + (f'; {hint}' if hint else ''), file=sys.stderr)
+    sys.exit(2)

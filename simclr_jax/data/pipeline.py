@@ -111,7 +111,8 @@ def _epoch_rows(config: ml_collections.ConfigDict, num_examples: int, *,
 def make_pretrain_iterator(config: ml_collections.ConfigDict, *,
                            process_index: int, process_count: int,
                            start_step: int = 0,
-                           include_index: bool = False) -> Iterator[Batch]:
+                           include_index: bool = False,
+                           stats: dict | None = None) -> Iterator[Batch]:
   """Returns the endless host-local pretraining stream, from `start_step` on.
 
   Args:
@@ -120,6 +121,8 @@ def make_pretrain_iterator(config: ml_collections.ConfigDict, *,
     process_count: all processes (jax.process_count()).
     start_step: global step to start from (the checkpoint's step).
     include_index: also yield each example's id under 'index'.
+    stats: if given, the stream adds the number of corrupt images it skipped
+      (config.dataset.on_corrupt='skip') under 'corrupt_images_skipped'.
 
   Returns:
     An iterator of batches in the format described in the module docstring.
@@ -157,7 +160,7 @@ def make_pretrain_iterator(config: ml_collections.ConfigDict, *,
     if backend == 'jax':
       return _in_memory_raw_stream(**kw)
     return _in_memory_tf_stream(**kw)
-  return _tfds_stream(**kw)
+  return _tfds_stream(**kw, stats={} if stats is None else stats)
 
 
 def _in_memory_raw_stream(*, config, process_index, process_count, start_step,
@@ -265,8 +268,61 @@ def _raw_image_fn(tf: Any, image_shape: tuple[int | None, ...], size: int):
   return _resize_crop_fn(tf, size)
 
 
+def _decode_dropping_corrupt(tf: Any, ds: Any, image_feature: Any) -> Any:
+  """Decodes the images of `ds`, dropping those that do not decode.
+
+  `ds` holds examples with the image still encoded (tfds SkipDecoding) and a
+  'tfds_id'. A file that is truncated, not an image, or of the wrong shape
+  would otherwise stop training with an error from deep inside tf.data. TF
+  has no decode that reports failure as a value, so failing elements are
+  dropped with `ignore_errors`, and positions numbered before the decode
+  recover what was dropped: each surviving example gets '_corrupt' (int64,
+  examples dropped just before it) and '_corrupt_id' (the tfds_id of the
+  last of those: shard file and record), which `_check_corrupt` reports.
+  """
+  shape = tuple(image_feature.shape)
+
+  def number(state, ex):
+    pos, prev_id = state
+    return (pos + 1, ex['tfds_id']), dict(ex, _pos=pos, _corrupt_id=prev_id)
+
+  def decode(ex):
+    image = tf.ensure_shape(image_feature.decode_example(ex['image']), shape)
+    return dict(ex, image=image)
+
+  def gap(last, ex):
+    ex = dict(ex)
+    pos = ex.pop('_pos')
+    return pos, dict(ex, _corrupt=pos - last - 1)
+
+  ds = ds.scan((tf.constant(0, tf.int64), tf.constant('')), number)
+  ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return ds.ignore_errors().scan(tf.constant(-1, tf.int64), gap)
+
+
+def _check_corrupt(batch: Batch, config: ml_collections.ConfigDict,
+                   split: Any, stats: dict) -> Batch:
+  """Pops the corrupt-image marks of a batch; counts and warns, or raises."""
+  dropped = batch.pop('_corrupt')
+  ids = batch.pop('_corrupt_id')
+  for i in np.flatnonzero(dropped):
+    record = ids[i].decode() if isinstance(ids[i], bytes) else str(ids[i])
+    more = (f' (and {dropped[i] - 1} more just before it)'
+            if dropped[i] > 1 else '')
+    if config.dataset.get('on_corrupt', 'skip') == 'fail':
+      raise DatasetError(
+          f'Corrupt or undecodable image in {config.dataset.name} split '
+          f'{split!r}: record {record}{more}; fix or remove it, or set '
+          "config.dataset.on_corrupt='skip' to skip such images.")
+    logging.warning('Skipped a corrupt or undecodable image in %s: record '
+                    '%s%s', config.dataset.name, record, more)
+    stats['corrupt_images_skipped'] = (
+        stats.get('corrupt_images_skipped', 0) + int(dropped[i]))
+  return batch
+
+
 def _tfds_stream(*, config, process_index, process_count, start_step,
-                 local_batch, spe, include_index) -> Iterator[Batch]:
+                 local_batch, spe, include_index, stats) -> Iterator[Batch]:
   """Per-process TFDS stream, rebuilt per epoch with that epoch's seeds."""
   tf = datasets.import_tf(f'TFDS dataset {config.dataset.name!r}')
   tfds = datasets.import_tfds(config.dataset.name)
@@ -282,8 +338,8 @@ def _tfds_stream(*, config, process_index, process_count, start_step,
                          datasets.raw_size(config))
 
   def read(shuffle_seed: int) -> Any:
-    # Images stay encoded until after the skip, so resuming deep into an
-    # epoch costs reading bytes, not decoding and augmenting them.
+    # Images stay encoded through the cache and the shuffle buffer (bytes
+    # are smaller) and are decoded by `_decode_dropping_corrupt`.
     return builder.as_dataset(
         split=split,
         shuffle_files=True,
@@ -300,7 +356,8 @@ def _tfds_stream(*, config, process_index, process_count, start_step,
     label = (tf.cast(ex['label'], tf.int32) if has_label
              else tf.constant(-1, tf.int32))
     index = tf.strings.to_hash_bucket_fast(ex['tfds_id'], 1 << 62)
-    return image_feature.decode_example(ex['image']), label, index
+    marks = {k: ex[k] for k in ('_corrupt', '_corrupt_id')}
+    return ex['image'], label, index, marks
 
   def raw(image, label, index):
     out = {'images': raw_fn(image), 'labels': label}
@@ -315,21 +372,35 @@ def _tfds_stream(*, config, process_index, process_count, start_step,
     epoch_seed = _seed31(config.seed, epoch)
     ds = cached if cached is not None else read(epoch_seed)
     ds = ds.shuffle(buffer, seed=epoch_seed, reshuffle_each_iteration=False)
+    # Corrupt images are dropped before positions are counted, so batch k of
+    # an epoch is the same whether the run started at 0 or resumed at k (at
+    # the price of decoding, not augmenting, the part of the epoch a resume
+    # skips).
+    ds = _decode_dropping_corrupt(tf, ds, image_feature)
     # filter, not skip/take: the stream is read to its end, so a cache fills
-    # completely (tf.data drops a partially read cache) and the examples
-    # beyond the epoch's full batches are dropped undecoded.
+    # completely (tf.data drops a partially read cache).
     lo, hi = first * local_batch, per_epoch
     ds = ds.enumerate().filter(lambda i, ex: (i >= lo) & (i < hi))
     ds = ds.map(lambda i, ex: parse(ex), num_parallel_calls=tf.data.AUTOTUNE,
                 deterministic=True)
     fn = (_two_views_fn(config, tf, epoch, include_index) if backend == 'tf'
           else raw)
-    ds = ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+    def with_marks(image, label, index, marks, views_fn=fn):
+      return dict(views_fn(image, label, index), **marks)
+
+    ds = ds.map(with_marks, num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True)
     expected = spe - first
+    skipped_before = stats.get('corrupt_images_skipped', 0)
     for batch in _finish(tf, ds, local_batch).as_numpy_iterator():
-      yield batch
+      yield _check_corrupt(batch, config, config.dataset.train_split, stats)
       step += 1
       expected -= 1
+    if stats.get('corrupt_images_skipped', 0) > skipped_before:
+      logging.warning('Epoch %d of %s: skipped %d corrupt images.', epoch,
+                      config.dataset.name,
+                      stats['corrupt_images_skipped'] - skipped_before)
     if expected > 0:
       # This process's even split is shorter than the global arithmetic
       # assumes (it can happen by one example for splits joined with '+').
@@ -368,23 +439,31 @@ def _tfds_arrays(config: ml_collections.ConfigDict, split: str,
   tf = datasets.import_tf(f'TFDS dataset {config.dataset.name!r}')
   builder = datasets.tfds_builder(config)
   datasets.tfds_split_size(builder, config.dataset.name, split)
-  image_fn = image_fn_builder(tf, builder.info.features['image'].shape)
+  tfds = datasets.import_tfds(config.dataset.name)
+  image_feature = builder.info.features['image']
+  image_fn = image_fn_builder(tf, image_feature.shape)
   has_label = 'label' in builder.info.features
-  ds = builder.as_dataset(split=split, shuffle_files=False)
+  ds = builder.as_dataset(
+      split=split, shuffle_files=False,
+      decoders={'image': tfds.decode.SkipDecoding()},
+      read_config=tfds.ReadConfig(add_tfds_id=True))
+  ds = _decode_dropping_corrupt(tf, ds, image_feature)
   if max_examples is not None:
     ds = ds.take(max_examples)
 
   def fn(ex):
     label = (tf.cast(ex['label'], tf.int32) if has_label
              else tf.constant(-1, tf.int32))
-    return image_fn(ex['image']), label
+    return {'x': image_fn(ex['image']), 'y': label,
+            '_corrupt': ex['_corrupt'], '_corrupt_id': ex['_corrupt_id']}
 
   ds = ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(_EVAL_READ_BATCH).prefetch(tf.data.AUTOTUNE)
-  xs, ys = [], []
-  for x, y in ds.as_numpy_iterator():
-    xs.append(x)
-    ys.append(y)
+  xs, ys, stats = [], [], {}
+  for batch in ds.as_numpy_iterator():
+    batch = _check_corrupt(batch, config, split, stats)
+    xs.append(batch['x'])
+    ys.append(batch['y'])
   if not xs:
     raise DatasetError(f'Split {split!r} of {config.dataset.name} is empty.')
   return np.concatenate(xs), np.concatenate(ys).astype(np.int32)

@@ -1,0 +1,144 @@
+"""Every bad config value fails fast with one line naming field and value.
+
+`config_validation.validate` runs in `train.build` before any dataset read or
+compilation, so these are the messages a user sees seconds after a bad launch.
+"""
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from simclr_jax import config_validation
+from simclr_jax import defaults
+from simclr_jax.config_validation import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _digits():
+  return defaults.load_recipe(os.path.join(ROOT, 'configs', 'digits.py'))
+
+
+def _set(config, dotted: str, value) -> None:
+  *parents, leaf = dotted.split('.')
+  for part in parents:
+    config = config[part]
+  config[leaf] = value
+
+
+# (field, bad value, what the message must say besides field and value).
+BAD = [
+    ('batch_size', 100, 'multiple of the number of devices (8)'),
+    ('batch_size', 0, 'positive multiple'),
+    ('dataset.image_size', 4, 'too small for the cifar stem: must be >= 8'),
+    ('loss.temperature', 0.0, 'must be > 0'),
+    ('loss.temperature', -0.5, 'must be > 0'),
+    ('loss.temperature', math.nan, 'must be > 0'),
+    ('optim.name', 'adam_typo', 'choose one of'),
+    ('optim.lr_scaling', 'cubic', 'choose one of'),
+    ('optim.base_learning_rate', 0.0, 'must be > 0'),
+    ('optim.base_learning_rate', -1.0, 'must be > 0'),
+    ('optim.momentum', 1.0, 'must be in [0, 1)'),
+    ('optim.weight_decay', -1e-6, 'must be >= 0'),
+    ('optim.warmup_epochs', -1.0, 'must be >= 0'),
+    ('optim.warmup_epochs', 31.0, 'longer than training'),
+    ('method', 'simclr_typo', 'choose one of'),
+    ('augment.backend', 'torch', 'choose one of tf, jax'),
+    ('on_nan', 'ignore', 'choose one of stop, skip_step'),
+    ('dataset.name', 'mnist_typo', 'choose one of'),
+    ('dataset.on_corrupt', 'ignore', 'choose one of skip, fail'),
+    ('model.depth', 19, 'choose one of'),
+    ('model.stem', 'big', 'choose one of'),
+    ('model.width_multiplier', 0.0, 'must be > 0'),
+    ('model.compute_dtype', 'float16', 'choose one of'),
+    ('train_steps', -5, 'must be an integer >= 0'),
+    ('num_epochs', -1, 'must be >= 0'),
+    ('log_every_steps', 0, 'must be an integer >= 1'),
+    ('checkpoint_every_steps', 0, 'must be an integer >= 1'),
+    ('keep_checkpoints', 0, 'must be an integer >= 1'),
+    ('eval.knn_k', 0, 'must be an integer >= 1'),
+    ('eval.knn_temperature', 0.0, 'must be > 0'),
+    ('eval.fewshot_draws', 0, 'must be an integer >= 1'),
+    ('eval.fewshot_shots', (1, 0), 'must be an integer >= 1'),
+    ('debug.inject_nan_at_step', -2, 'must be an integer >= -1'),
+    ('finetune.label_fraction', 0.0, 'must be in (0, 1]'),
+    ('finetune.label_fraction', 1.5, 'must be in (0, 1]'),
+]
+
+
+@pytest.mark.parametrize('field,value,expected', BAD,
+                         ids=[f'{f}={v!r}' for f, v, _ in BAD])
+def test_bad_value_names_field_value_and_rule(field, value, expected):
+  c = _digits()
+  _set(c, field, value)
+  with pytest.raises(ConfigError) as e:
+    config_validation.validate(c, num_devices=8)
+  msg = str(e.value)
+  assert '\n' not in msg
+  assert f'config.{field}=' in msg, msg
+  shown = value[-1] if isinstance(value, tuple) else value
+  assert repr(shown) in msg or str(shown) in msg, msg
+  assert expected in msg, msg
+
+
+def test_imagenet_stem_needs_32_pixels():
+  c = _digits()
+  c.model.stem = 'imagenet'
+  c.dataset.image_size = 16
+  with pytest.raises(ConfigError, match=r'config.dataset.image_size=16 is too '
+                     r'small for the imagenet stem: must be >= 32'):
+    config_validation.validate(c, num_devices=1)
+  c.dataset.image_size = 32
+  config_validation.validate(c, num_devices=1)
+
+
+def test_batch_must_divide_over_processes():
+  c = _digits()
+  c.batch_size = 256  # A multiple of 8 devices, not of 3 processes.
+  with pytest.raises(ConfigError, match='config.batch_size=256 must divide '
+                     'over 3 processes'):
+    config_validation.validate(c, num_devices=8, process_count=3)
+
+
+def test_epochs_and_steps_cannot_both_be_zero():
+  c = _digits()
+  c.num_epochs, c.train_steps = 0, 0
+  with pytest.raises(ConfigError, match='one of them must be > 0'):
+    config_validation.validate(c, num_devices=8)
+
+
+def test_short_step_count_may_stay_in_warmup():
+  """train_steps overrides epochs (smoke runs): a long warmup is allowed."""
+  c = _digits()
+  c.train_steps = 3
+  c.optim.warmup_epochs = 50.0
+  config_validation.validate(c, num_devices=8)
+
+
+def test_every_recipe_is_valid():
+  paths = [os.path.join(d, f) for d in ('configs', 'configs/methods')
+           if os.path.isdir(os.path.join(ROOT, d))
+           for f in sorted(os.listdir(os.path.join(ROOT, d)))
+           if f.endswith('.py')]
+  assert paths
+  for path in paths:
+    c = defaults.load_recipe(os.path.join(ROOT, path))
+    config_validation.validate(c, num_devices=8)
+
+
+def test_unknown_config_field_is_one_line_from_the_cli(tmp_path):
+  r = subprocess.run(
+      [sys.executable, '-m', 'simclr_jax.main',
+       '--config=' + os.path.join(ROOT, 'configs', 'digits.py'),
+       f'--workdir={tmp_path}', '--config.model.widht_multiplier=1'],
+      capture_output=True, text=True, cwd=ROOT, timeout=120,
+      env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert 'Traceback' not in r.stderr
+  last = r.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: --config.model.widht_multiplier: the config '
+                         "has no field 'widht_multiplier'"), last
+  assert 'width_multiplier' in last.split(';', 1)[1]
