@@ -7,6 +7,7 @@ uninterrupted one would.
 """
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -95,8 +96,10 @@ def check_resume_compatible(workdir: str, config: ml_collections.ConfigDict
             f'checkpointed run and is {new!r} now; use a new workdir or the '
             'old value')
   if jax.process_index() == 0:
-    with open(path, 'w') as f:
+    tmp = f'{path}.tmp'
+    with open(tmp, 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
+    os.replace(tmp, path)  # Other processes may be reading it now.
 
 
 def build(config: ml_collections.ConfigDict, mesh=None) -> Setup:
@@ -130,8 +133,11 @@ def make_step(setup: Setup):
       setup.model, setup.tx, setup.schedule, setup.mesh,
       temperature=c.loss.temperature, views_fn=views_fn,
       skip_nonfinite=c.on_nan == 'skip_step',
+      inject_nan_at_step=(c.debug.inject_nan_at_step if 'debug' in c
+                          else -1),
       compute_dtype=jnp.dtype(c.model.compute_dtype),
-      grad_cache_chunks=c.grad_cache_chunks, grad_cache_bn=c.grad_cache_bn)
+      grad_cache_chunks=c.get('grad_cache_chunks', 0),
+      grad_cache_bn=c.get('grad_cache_bn', 'per_chunk'))
 
 
 def initial_state(setup: Setup) -> train_step_lib.TrainState:
@@ -170,15 +176,94 @@ def _data_position(setup: Setup, step: int) -> dict:
           'seed': setup.config.seed, 'dataset': setup.config.dataset.name}
 
 
-def _write_nan_diagnostic(workdir: str, step: int, metrics: dict,
-                          last_good: dict | None) -> str:
-  bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+def _init_nonfinite_tracker(metrics: dict) -> dict:
+  """On-device record of non-finite steps; see `_track_nonfinite`."""
+  zeros = jax.tree.map(jnp.zeros_like, metrics)
+  return {'first_bad_step': jnp.asarray(-1, jnp.int32),
+          'bad_metrics': zeros,
+          'last_finite_step': jnp.asarray(-1, jnp.int32),
+          'last_finite_metrics': zeros,
+          'skipped_steps': jnp.asarray(0, jnp.int32)}
+
+
+@jax.jit
+def _track_nonfinite(tracker: dict, metrics: dict, step: jax.Array) -> dict:
+  """Folds one step's metrics into the tracker, on device and asynchronously.
+
+  The loop fetches metrics only at log and checkpoint steps (a fetch per step
+  would stall the dispatch pipeline), so a NaN between them would otherwise
+  be noticed late and attributed to the wrong step. This keeps the first
+  non-finite step, its metrics, the last finite step before it and the count
+  of non-finite steps; the loop reads it at every fetch, before any save.
+  """
+  finite = (metrics['skipped'] == 0 if 'skipped' in metrics
+            else jnp.isfinite(metrics['loss']))
+  clean = tracker['first_bad_step'] < 0
+  first = clean & ~finite
+  pick = lambda cond: functools.partial(jax.tree.map, lambda new, old:
+                                        jnp.where(cond, new, old))
+  return {
+      'first_bad_step': jnp.where(first, step, tracker['first_bad_step']),
+      'bad_metrics': pick(first)(metrics, tracker['bad_metrics']),
+      'last_finite_step': jnp.where(clean & finite, step,
+                                    tracker['last_finite_step']),
+      'last_finite_metrics': pick(clean & finite)(
+          metrics, tracker['last_finite_metrics']),
+      'skipped_steps': tracker['skipped_steps'] + (~finite).astype(jnp.int32),
+  }
+
+
+def _json_number(x: float) -> float | str:
+  """Strict JSON has no NaN/Inf; write those as 'nan', 'inf', '-inf'."""
+  return x if math.isfinite(x) else str(x)
+
+
+def _write_nan_diagnostic(workdir: str, seen: dict) -> tuple[str, list[str]]:
+  """Writes nan_diagnostic.json from a fetched tracker; returns (path, bad)."""
+  bad = sorted(k for k, v in seen['bad_metrics'].items()
+               if not math.isfinite(v))
+  last_step = int(seen['last_finite_step'])
   path = os.path.join(workdir, 'nan_diagnostic.json')
   if jax.process_index() == 0:
     with open(path, 'w') as f:
-      json.dump({'step': step, 'non_finite': bad, 'metrics': metrics,
-                 'last_finite_metrics': last_good}, f, indent=2, default=str)
-  return path
+      json.dump({
+          'step': int(seen['first_bad_step']),
+          'non_finite': bad,
+          'metrics': {k: _json_number(v)
+                      for k, v in seen['bad_metrics'].items()},
+          # Only steps of this invocation are tracked: after a resume the
+          # last finite step may be unknown (null).
+          'last_finite_step': last_step if last_step >= 0 else None,
+          'last_finite_metrics': (
+              {k: _json_number(v)
+               for k, v in seen['last_finite_metrics'].items()}
+              if last_step >= 0 else None),
+      }, f, indent=2)
+  return path, bad
+
+
+def _truncate_metrics_log(workdir: str, step: int) -> None:
+  """Drops metrics.jsonl lines past `step`, the checkpoint a run resumes from.
+
+  After a kill (not a graceful stop) the log holds steps the checkpoint never
+  saw; the resumed run logs them again, and readers should see each step once.
+  """
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if jax.process_index() != 0 or not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  keep = []
+  for line in lines:
+    try:
+      if json.loads(line)['step'] <= step:
+        keep.append(line)
+    except (ValueError, KeyError, TypeError):
+      pass  # A line cut short by the kill.
+  if len(keep) != len(lines):
+    with open(path + '.tmp', 'w') as f:
+      f.writelines(keep)
+    os.replace(path + '.tmp', path)
 
 
 def pretrain(config: ml_collections.ConfigDict, workdir: str,
@@ -203,15 +288,22 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str,
   ckpt = checkpointing.Checkpointer(
       os.path.join(workdir, 'checkpoints'), max_to_keep=config.keep_checkpoints)
   resumed_from = ckpt.latest_step()
+  # Non-finite steps skipped (on_nan='skip_step') over the whole run; the
+  # count travels in the checkpoint's data item.
+  skipped_before = 0
   if resumed_from is not None:
     state, position, _ = ckpt.restore(state)
     logging.info('Resumed from step %d (data position %s)', resumed_from,
                  position)
+    skipped_before = int(position.get('skipped_steps', 0))
+    _truncate_metrics_log(workdir, resumed_from)
   start_step = int(jax.device_get(state.step))
   step_fn = make_step(setup)
+  input_stats = {}  # The stream counts corrupt images it skipped here.
   batches = pipeline.make_pretrain_iterator(
       config, process_index=jax.process_index(),
-      process_count=jax.process_count(), start_step=start_step)
+      process_count=jax.process_count(), start_step=start_step,
+      stats=input_stats)
   batches = parallel.prefetch_to_mesh(batches, mesh, config.dataset.prefetch)
   writer = metric_writer.MetricWriter(workdir)
   monitor = knn_monitor.KnnMonitor(setup, workdir)
@@ -221,7 +313,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str,
                '%d devices, from step %d', config.dataset.name, total,
                setup.steps_per_epoch, config.batch_size, mesh.devices.size,
                start_step)
-  last_metrics, last_good = None, None
+  last_metrics, tracker = None, None
+  skipped_steps = skipped_before
   final_loss = float('nan')
   t_loop, steps_timed = None, 0
   step = start_step
@@ -232,6 +325,9 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str,
       rng = jax.random.fold_in(setup.step_rng, step)
       state, metrics = step_fn(state, batch, rng)
       step += 1
+      if tracker is None:
+        tracker = _init_nonfinite_tracker(metrics)
+      tracker = _track_nonfinite(tracker, metrics, step)
       if t_loop is None:  # Exclude compilation from the throughput.
         jax.block_until_ready(metrics)
         t_loop, steps_timed = time.time(), 0
@@ -243,12 +339,25 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str,
           stop_after_steps and step - start_step >= stop_after_steps)
       if is_log or is_ckpt or stopping:
         last_metrics = parallel.fetch(metrics)
-        if not math.isfinite(last_metrics['loss']) and config.on_nan == 'stop':
-          path = _write_nan_diagnostic(workdir, step, last_metrics, last_good)
+        seen = parallel.fetch(tracker)
+        # Checked before the save below, so NaN parameters never reach a
+        # checkpoint; the step named is the first bad one, not this one.
+        if seen['first_bad_step'] >= 0 and config.on_nan == 'stop':
+          path, bad = _write_nan_diagnostic(workdir, seen)
+          ckpt.wait()
           raise NonFiniteError(
-              f'non-finite loss at step {step}; diagnostic in {path}; the '
-              f'last good checkpoint (step {ckpt.latest_step()}) is kept')
-        last_good = last_metrics
+              f'non-finite {", ".join(bad)} at step {seen["first_bad_step"]} '
+              f'(on_nan=stop); diagnostic in {path}; the last good '
+              f'checkpoint (step {ckpt.latest_step()}) is kept')
+        if skipped_before + seen['skipped_steps'] > skipped_steps:
+          logging.warning('Skipped %d non-finite steps so far (first at step '
+                          '%d); the state was left unchanged for each.',
+                          skipped_before + seen['skipped_steps'],
+                          seen['first_bad_step'])
+        skipped_steps = skipped_before + int(seen['skipped_steps'])
+        last_metrics['skipped_steps'] = skipped_steps
+        last_metrics['corrupt_images_skipped'] = input_stats.get(
+            'corrupt_images_skipped', 0)
         final_loss = last_metrics['loss']
       if is_log:
         elapsed = time.time() - t_loop
@@ -265,7 +374,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str,
       if monitor.due(step, total):
         writer.write(step, {'knn_accuracy': monitor.measure(step, state)})
       if is_ckpt or stopping:
-        ckpt.save(step, state, _data_position(setup, step), force=True)
+        ckpt.save(step, state, dict(_data_position(setup, step),
+                                    skipped_steps=skipped_steps), force=True)
       if stopping:
         interrupted = step < total
         break
@@ -286,6 +396,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str,
       'final_train_loss': final_loss,
       'final_metrics': last_metrics,
       'resumed_from_step': resumed_from,
+      'skipped_steps': skipped_steps,
+      'corrupt_images_skipped': input_stats.get('corrupt_images_skipped', 0),
       'knn_monitor': knn_monitor.read_history(workdir),
       'pretrain_wall_time_s': time.time() - t_start,
       'state': state,

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
+from simclr_jax import grad_cache
 from simclr_jax import losses
 from simclr_jax import parallel
 
@@ -107,7 +108,10 @@ def make_train_step(model: nn.Module,
                     temperature: float,
                     views_fn: Callable[[dict, jax.Array], jax.Array],
                     skip_nonfinite: bool = False,
-                    compute_dtype: Any = jnp.float32) -> Callable:
+                    compute_dtype: Any = jnp.float32,
+                    grad_cache_chunks: int = 0,
+                    grad_cache_bn: str = 'per_chunk',
+                    inject_nan_at_step: int = -1) -> Callable:
   """Builds the jitted `train_step(state, batch, rng) -> (state, metrics)`.
 
   Args:
@@ -120,6 +124,13 @@ def make_train_step(model: nn.Module,
     skip_nonfinite: if the loss or gradients are not finite, keep the old
       state for this step (config on_nan='skip_step') and count it.
     compute_dtype: dtype the views are cast to before the encoder.
+    grad_cache_chunks: > 0 computes the gradient by gradient caching in this
+      many chunks (simclr_jax/grad_cache.py): same loss, activation memory of
+      one chunk, one extra forward pass.
+    grad_cache_bn: BN under gradient caching, 'per_chunk' or 'frozen'.
+    inject_nan_at_step: testing aid (config debug.inject_nan_at_step): the
+      update that makes state.step equal to this gets a NaN loss and NaN
+      gradients, so tests can drive on_nan through the real jitted step.
   """
   loss_fn_sharded = jax.shard_map(
       functools.partial(losses.sharded_nt_xent, temperature=temperature,
@@ -153,8 +164,19 @@ def make_train_step(model: nn.Module,
         metrics = dict(metrics, linear_loss=lin_loss, linear_acc=lin_acc)
       return total, (metrics, new_model_state['batch_stats'])
 
-    grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(
-        state.params)
+    if grad_cache_chunks:
+      grads, (metrics, batch_stats) = grad_cache.simclr_grads(
+          model, state.params, state.batch_stats, x, labels,
+          contrastive_loss=loss_fn_sharded, head_loss=_linear_head_metrics,
+          num_chunks=grad_cache_chunks, mesh=mesh, bn=grad_cache_bn)
+    else:
+      grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(
+          state.params)
+    if inject_nan_at_step >= 0:
+      poison = jnp.where(state.step + 1 == inject_nan_at_step, jnp.nan, 1.0)
+      grads = jax.tree.map(lambda g: g * poison, grads)
+      metrics = dict(metrics,
+                     contrastive_loss=metrics['contrastive_loss'] * poison)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(step=state.step + 1, params=params,
