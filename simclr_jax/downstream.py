@@ -343,7 +343,8 @@ def run_embed(config: ml_collections.ConfigDict, workdir: str) -> dict:
   m = src_config.model
   encoder = resnet.ResNet(
       depth=m.depth, width_multiplier=m.width_multiplier, sk_ratio=m.sk_ratio,
-      cifar_stem=classifier.uses_cifar_stem(m, src_config.dataset.image_size))
+      cifar_stem=classifier.uses_cifar_stem(m, src_config.dataset.image_size),
+      maxpool_padding=m.get('maxpool_padding', 'torch'))
   variables = {'params': src_vars['params']['encoder'],
                'batch_stats': src_vars['batch_stats']['encoder']}
   mesh = parallel.make_mesh()

@@ -19,8 +19,8 @@ EMBED_METHODS = ('pca', 'tsne')
 # fine_tune_after_block: -1 everything, 0 stem, 1..4 stages (see supervised).
 _BLOCKS = (-1, 0, 1, 2, 3, 4)
 # Architecture fields copied from the source run into the recorded config.
-_ARCH_FIELDS = ('depth', 'width_multiplier', 'sk_ratio', 'num_proj_layers',
-                'proj_out_dim', 'compute_dtype')
+_ARCH_FIELDS = ('depth', 'width_multiplier', 'sk_ratio', 'maxpool_padding',
+                'num_proj_layers', 'proj_out_dim', 'compute_dtype')
 
 
 def _fail(field: str, value, allowed: str) -> None:

@@ -1,7 +1,7 @@
 """Export (Flax artifact, torchvision safetensors) and TF checkpoint import.
 
 Big nets are only traced (jax.eval_shape); real forward passes use ResNet-18
-and -50 at 64 px (torch comparison) or width 1/8 at 30 px (TF import), run
+and -50 at 64 px (torch comparison) or width 1/8 at 30/32 px (TF import), run
 op by op without jit, which is cheaper than compiling them on a 2-core CPU.
 """
 
@@ -286,6 +286,46 @@ def test_run_export_without_head(pretrained_run, tmp_path):
     export.load_projection_head(str(tmp_path))
 
 
+def test_run_export_keeps_tf_maxpool_padding(tmp_path):
+  """maxpool_padding='tf' reaches the artifact and blocks torchvision."""
+  config = _tiny_run_config()
+  config.model.width_multiplier = 1.0
+  config.dataset.image_size = 64  # ImageNet stem: the max-pool exists.
+  config.model.maxpool_padding = 'tf'
+  run = _fake_run(str(tmp_path / 'run'), config)
+  export_config = defaults.base_config()
+  export_config.init_from = run
+  results = export.run_export(export_config, str(tmp_path / 'out'))
+  assert results['torchvision_state_dict'] is None
+  assert "maxpool_padding='tf'" in results['torchvision_skipped']
+  module, loaded = export.load_encoder(str(tmp_path / 'out'))
+  assert module.maxpool_padding == 'tf'
+  _, variables, _ = checkpointing.load_run(run)
+  x = jax.random.uniform(jax.random.key(1), (2, 64, 64, 3))
+  np.testing.assert_array_equal(
+      module.apply(loaded, x, train=False),
+      models.build_model(config, num_classes=10).apply(
+          variables, x, train=False)['features'])
+  export_config.export.torchvision = 'require'
+  with pytest.raises(ValueError, match='maxpool_padding'):
+    export.run_export(export_config, str(tmp_path / 'again'))
+
+
+def test_artifact_without_maxpool_padding_loads_as_torch(pretrained_run,
+                                                         tmp_path):
+  """model.json written before the field existed still loads."""
+  config = defaults.base_config()
+  config.init_from = pretrained_run
+  export.run_export(config, str(tmp_path))
+  model_json = tmp_path / 'flax' / 'model.json'
+  meta = json.loads(model_json.read_text())
+  assert meta['encoder']['maxpool_padding'] == 'torch'
+  del meta['encoder']['maxpool_padding']
+  model_json.write_text(json.dumps(meta))
+  module, _ = export.load_encoder(str(tmp_path))
+  assert module.maxpool_padding == 'torch'
+
+
 def test_run_export_needs_init_from(tmp_path):
   with pytest.raises(ValueError, match='init_from'):
     export.run_export(defaults.base_config(), str(tmp_path))
@@ -558,13 +598,12 @@ _TF_CASES = {
 }
 
 
-@pytest.mark.parametrize('case', sorted(_TF_CASES))
-def test_import_tf_checkpoint_matches_reference_forward(case, tmp_path):
-  pytest.importorskip('tensorflow')
+def _import_and_compare(case, size, tmp_path):
+  """Saves a reference checkpoint, imports it; returns (config, vars, x, ref).
+
+  Also checks the imported model against the reference forward pass.
+  """
   tf2, depth, width, sk_ratio, cifar_stem, layers = _TF_CASES[case]
-  # 30 px: the stem output (15) is odd, where TF 'SAME' max-pooling and this
-  # project's (1, 1)-padded one coincide (see export/tf_import.py).
-  size = 16 if cifar_stem else 30
   x = np.random.default_rng(3).uniform(size=(2, size, size, 3)).astype(
       np.float32)
   refs = _RefVars(tf2, seed=4)
@@ -585,16 +624,54 @@ def test_import_tf_checkpoint_matches_reference_forward(case, tmp_path):
   config, variables = export.import_tf_checkpoint(prefix)
   assert config == dict(
       depth=depth, width_multiplier=width, sk_ratio=sk_ratio,
-      cifar_stem=cifar_stem, num_proj_layers=layers, proj_out_dim=8,
-      num_classes=5, linear_head=True)
+      cifar_stem=cifar_stem,
+      maxpool_padding='torch' if cifar_stem else 'tf',
+      num_proj_layers=layers, proj_out_dim=8, num_classes=5, linear_head=True)
   out = models.SimCLRModel(**config).apply(variables, x, train=False)
   diffs = {k: float(np.max(np.abs(np.asarray(out[k]) - ref)))
            for k, ref in (('features', h), ('projection', z),
                           ('logits', logits))}
-  print(f'{case}: max |JAX - TF| {diffs}')
+  print(f'{case} at {size} px: max |JAX - TF| {diffs}')
   np.testing.assert_allclose(out['features'], h, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(out['projection'], z, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(out['logits'], logits, rtol=1e-4, atol=1e-4)
+  return config, variables, x, h
+
+
+@pytest.mark.parametrize('case', sorted(_TF_CASES))
+def test_import_tf_checkpoint_matches_reference_forward(case, tmp_path):
+  pytest.importorskip('tensorflow')
+  # 30 px: the stem output (15) is odd, where TF 'SAME' max-pooling and
+  # torch's (1, 1) padding coincide.
+  _import_and_compare(case, 16 if _TF_CASES[case][4] else 30, tmp_path)
+
+
+@pytest.mark.parametrize('case', ['v1_tf1_r50', 'v2_tf2_r50_sk'])
+def test_import_tf_checkpoint_matches_reference_at_even_size(case, tmp_path):
+  """32 px: a 16 px stem output, where TF 'SAME' pads the max-pool (0, 1).
+
+  The imported config's maxpool_padding='tf' makes the model match; with
+  torch's (1, 1) padding the same weights do not (the pre-fix behaviour).
+  """
+  pytest.importorskip('tensorflow')
+  config, variables, x, h = _import_and_compare(case, 32, tmp_path)
+  torch_padded = models.SimCLRModel(**dict(config, maxpool_padding='torch'))
+  h_torch = np.asarray(torch_padded.apply(variables, x, train=False)[
+      'features'])
+  rel = np.max(np.abs(h_torch - h)) / np.max(np.abs(h))
+  print(f'{case} at 32 px with torch padding: max relative diff {rel:.2e}')
+  assert rel > 1e-3
+
+
+def test_imported_tf_padding_is_refused_by_torchvision():
+  """An imported (maxpool_padding='tf') encoder has no torchvision twin."""
+  abstract = _abstract(models.ResNet(depth=50, maxpool_padding='tf'))
+  with pytest.raises(ValueError, match="maxpool_padding='tf'"):
+    export.to_torchvision(abstract, maxpool_padding='tf')
+  export.to_torchvision(abstract, maxpool_padding='torch')  # Explicit opt-in.
+  # The CIFAR stem has no max-pool, so its padding setting is moot.
+  cifar = _abstract(models.ResNet(depth=18, cifar_stem=True), 32)
+  export.to_torchvision(cifar, allow_cifar_stem=True, maxpool_padding='tf')
 
 
 def test_import_tf_checkpoint_rejects_unknown_variables(tmp_path):

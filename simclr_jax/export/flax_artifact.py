@@ -1,7 +1,9 @@
 """A self-contained Flax artifact: variables as msgpack, model as JSON.
 
 Layout of an artifact directory:
-  model.json          {"format": ..., "encoder": ResNet kwargs,
+  model.json          {"format": ..., "encoder": ResNet kwargs (an older
+                           artifact without maxpool_padding loads as
+                           'torch', what every ResNet computed then),
                        "projection_head": ProjectionHead kwargs (plus
                            total_layers when a fine-tuning run kept only
                            the first layers) or null,
@@ -34,6 +36,9 @@ FORMAT = 'simclr_jax.flax_artifact.v1'
 MODEL_FILE = 'model.json'
 VARIABLES_FILE = 'variables.msgpack'
 _ENCODER_FIELDS = ('depth', 'width_multiplier', 'sk_ratio', 'cifar_stem')
+# Encoder fields added later, with the value that reproduces what artifacts
+# written before them compute.
+_ENCODER_DEFAULTS = {'maxpool_padding': 'torch'}
 _HEAD_FIELDS = ('num_layers', 'out_dim', 'total_layers')
 
 
@@ -50,7 +55,8 @@ def save(directory: str, encoder_config: Mapping[str, Any],
   """Writes an artifact; returns {'model_json': path, 'variables': path}.
 
   `encoder_config` holds `models.ResNet` fields (depth, width_multiplier,
-  sk_ratio, cifar_stem); `head_config` `models.ProjectionHead` fields
+  sk_ratio, cifar_stem and optionally maxpool_padding, 'torch' if absent);
+  `head_config` `models.ProjectionHead` fields
   (num_layers, out_dim), plus total_layers for the first layers of a longer
   head (a fine-tuning run's). Both head arguments None leave the head out.
   """
@@ -60,7 +66,9 @@ def save(directory: str, encoder_config: Mapping[str, Any],
     tree['projection_head'] = _to_numpy(dict(head_variables))
   meta = {
       'format': FORMAT,
-      'encoder': {k: encoder_config[k] for k in _ENCODER_FIELDS},
+      'encoder': dict({k: encoder_config[k] for k in _ENCODER_FIELDS},
+                      **{k: encoder_config.get(k, v)
+                         for k, v in _ENCODER_DEFAULTS.items()}),
       'projection_head': ({k: head_config[k] for k in _HEAD_FIELDS
                            if k in head_config}
                           if head_variables is not None else None),
@@ -110,7 +118,8 @@ def load_encoder(path: str, dtype: Any = jnp.float32
   bfloat16); the stored parameters are float32.
   """
   meta, tree = load(path)
-  module = resnet.ResNet(**meta['encoder'], dtype=dtype)
+  module = resnet.ResNet(**dict(_ENCODER_DEFAULTS, **meta['encoder']),
+                         dtype=dtype)
   return module, tree['encoder']
 
 

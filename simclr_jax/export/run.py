@@ -13,7 +13,9 @@ Config (`config.export`, see defaults.py): `include_head` (also export the
 projection head) and `torchvision`: 'auto' writes the torchvision file when
 the encoder has a torchvision counterpart and otherwise records why not in
 results.json (so exporting the thin CPU models still yields the Flax
-artifact), 'require' makes that a one-line error, 'off' skips it.
+artifact), 'require' makes that a one-line error, 'off' skips it. An
+ImageNet-stem encoder with model.maxpool_padding='tf' has no torchvision
+counterpart: torchvision's max-pool pads (1, 1).
 """
 
 from __future__ import annotations
@@ -63,7 +65,8 @@ def run_export(config: ml_collections.ConfigDict, workdir: str) -> dict:
   encoder_config = dict(
       depth=m.depth, width_multiplier=m.width_multiplier,
       sk_ratio=m.sk_ratio,
-      cifar_stem=config_validation.uses_cifar_stem(run_config))
+      cifar_stem=config_validation.uses_cifar_stem(run_config),
+      maxpool_padding=m.get('maxpool_padding', 'torch'))
   encoder = torch_layout.split_variables(variables, 'encoder')
   head, head_config = None, None
   if include_head and variables['params'].get('projection_head'):
@@ -96,7 +99,9 @@ def run_export(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  torchvision_skipped=None)
   if tv_mode != 'off':
     try:
-      state_dict = torch_layout.to_torchvision(encoder, allow_cifar_stem=True)
+      state_dict = torch_layout.to_torchvision(
+          encoder, allow_cifar_stem=True,
+          maxpool_padding=encoder_config['maxpool_padding'])
     except ValueError as e:
       if tv_mode == 'require':
         raise

@@ -21,11 +21,15 @@ checked against the shapes of this project's `SimCLRModel` built from the
 inferred config, and a checkpoint variable left over (other than optimiser
 slots and counters) is an error, so a misread checkpoint never loads silently.
 
-Known difference from the reference forward pass (not a weight issue): the
-reference's ImageNet-stem max-pool is TF 'SAME' (pads 0 before, 1 after on
-an even feature map) where this project's ResNet pads (1, 1) like torch. On
-odd-sized stem outputs they agree; at 224 px (112 before the pool) the pooling
-grid is shifted by one pixel, so features differ slightly from TF's.
+The reference's ImageNet-stem max-pool is TF 'SAME', which pads 0 before and
+1 after on an even feature map, where this project's ResNet pads (1, 1) like
+torch by default. They agree on odd-sized stem outputs only; at 224 px (112
+before the pool) torch's grid is shifted by one pixel, which moves released
+ResNet-50 features by about 1%. The padding is not in the weights, so the
+returned config sets maxpool_padding='tf' for ImageNet-stem checkpoints and
+the imported model matches the reference at every input size. Such a model
+has no exact torchvision counterpart: `to_torchvision` refuses it (see
+export/torch_layout.py).
 The reference feeds images in [0, 1] without normalisation, as this project.
 """
 
@@ -309,12 +313,15 @@ def import_tf_checkpoint(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
 
   Returns:
     (model_config, variables): `models.SimCLRModel(**model_config)` is the
-    network (depth, width_multiplier, sk_ratio, cifar_stem, num_proj_layers,
-    proj_out_dim, num_classes, linear_head), and `variables` its
+    network (depth, width_multiplier, sk_ratio, cifar_stem, maxpool_padding,
+    num_proj_layers, proj_out_dim, num_classes, linear_head), and `variables`
+    its
     {'params', 'batch_stats'} as float32 numpy arrays: 'encoder',
     'projection_head' and, when the checkpoint has a supervised head,
     'linear_head'. For `config.model` use stem='cifar' if cifar_stem else
-    'imagenet' and linear_eval_while_pretraining=linear_head.
+    'imagenet', linear_eval_while_pretraining=linear_head and the same
+    maxpool_padding: 'tf' for the ImageNet stem, so the reference's TF 'SAME'
+    max-pool is reproduced ('torch' for the CIFAR stem, which has no max-pool).
     The supervised head goes to 'linear_head', which reads the encoder
     features h, as the reference does in pretraining (ft_proj_selector=0).
     SimCLRv2's fine-tuned checkpoints fed it the first projection layer
@@ -351,7 +358,10 @@ def import_tf_checkpoint(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
                   if head_layers else 128)
   model_config = dict(
       depth=depth, width_multiplier=float(width), sk_ratio=float(sk_ratio),
-      cifar_stem=bool(cifar_stem), num_proj_layers=len(head_layers),
+      cifar_stem=bool(cifar_stem),
+      # The reference pools with TF 'SAME' padding (see the module doc).
+      maxpool_padding='torch' if cifar_stem else 'tf',
+      num_proj_layers=len(head_layers),
       proj_out_dim=int(proj_out_dim), num_classes=int(num_classes),
       linear_head=sup is not None)
   model = simclr.SimCLRModel(**model_config)

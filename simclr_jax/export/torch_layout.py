@@ -14,6 +14,13 @@ keys stay the same and conv1.weight is 3x3, the common torch recipe that
 swaps in `nn.Conv2d(3, 64, 3, 1, 1, bias=False)` and `nn.Identity()` for
 `conv1` and `maxpool`.
 
+The stem max-pool's padding is not in the weights: torchvision pads it
+(1, 1), i.e. `ResNet(maxpool_padding='torch')`. An ImageNet-stem encoder run
+with 'tf' padding (imported TF checkpoints) is refused rather than warned
+about, since torchvision would compute different features from the same
+file (about 1% at 224 px) with nothing to show for it; pass
+maxpool_padding='torch' explicitly to accept that shift.
+
 The projection head goes to its own file (torchvision has no counterpart);
 its layout is the one of an `nn.Sequential` of `Linear(bias=False)`,
 `BatchNorm1d` and `ReLU` modules, described in `projection_head_to_torch`.
@@ -94,8 +101,10 @@ def describe_encoder(params: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def check_torchvision_compatible(params: Mapping[str, Any],
-                                 allow_cifar_stem: bool = False) -> dict:
+                                 allow_cifar_stem: bool = False,
+                                 maxpool_padding: str = 'torch') -> dict:
   """Raises a ValueError saying why torchvision cannot hold this encoder."""
+  resnet.check_maxpool_padding(maxpool_padding)
   info = describe_encoder(params)
   if info['sk'] or info['stem'] == 'resnet_d':
     raise ValueError(
@@ -119,6 +128,14 @@ def check_torchvision_compatible(params: Mapping[str, Any],
         'max-pool; pass allow_cifar_stem=True for the CIFAR layout (replace '
         'conv1 by nn.Conv2d(3, 64, 3, 1, 1, bias=False) and maxpool by '
         'nn.Identity() before loading)')
+  if info['stem'] == 'imagenet' and maxpool_padding != 'torch':
+    raise ValueError(
+        f'cannot export an encoder with maxpool_padding={maxpool_padding!r} '
+        'to torchvision: its stem max-pool pads (1, 1) (maxpool_padding='
+        '\'torch\'), so on even-sized feature maps (e.g. 224 px inputs) it '
+        'would pool a grid shifted by one pixel and give different features; '
+        'use the Flax artifact, or pass maxpool_padding=\'torch\' to accept '
+        'the shift')
   return info
 
 
@@ -138,7 +155,8 @@ def _add_conv(out: dict, key: str, params: Mapping[str, Any]) -> None:
 
 
 def to_torchvision(variables: Mapping[str, Any],
-                   allow_cifar_stem: bool = False) -> dict[str, Any]:
+                   allow_cifar_stem: bool = False,
+                   maxpool_padding: str = 'torch') -> dict[str, Any]:
   """Encoder variables -> {torchvision state_dict key: np.ndarray}.
 
   Args:
@@ -147,6 +165,9 @@ def to_torchvision(variables: Mapping[str, Any],
       `jax.ShapeDtypeStruct`s (then the values are ShapeDtypeStructs with the
       torch shapes, for checking a layout without allocating it).
     allow_cifar_stem: Convert a CIFAR-stem encoder too (see module doc).
+    maxpool_padding: The `ResNet.maxpool_padding` the variables were run
+      with (it is not in the weights); 'tf' (e.g. `import_tf_checkpoint`'s
+      config) is refused for the ImageNet stem, see the module doc.
 
   Returns:
     A dict that `torchvision.models.resnet{depth}().load_state_dict(d,
@@ -155,11 +176,12 @@ def to_torchvision(variables: Mapping[str, Any],
 
   Raises:
     ValueError: for encoders torchvision cannot represent (SK, width != 1,
-      depth 200, CIFAR stem unless allowed), never a silently wrong file.
+      depth 200, CIFAR stem unless allowed, 'tf' max-pool padding), never a
+      silently wrong file.
   """
   enc = split_variables(variables, 'encoder')
   params, stats = enc['params'], enc['batch_stats']
-  check_torchvision_compatible(params, allow_cifar_stem)
+  check_torchvision_compatible(params, allow_cifar_stem, maxpool_padding)
   out: dict[str, Any] = {}
   _add_conv(out, 'conv1.weight', params['conv_init'])
   _add_bn(out, 'bn1', params['bn_init'], stats['bn_init'])

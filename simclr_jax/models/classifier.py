@@ -65,7 +65,8 @@ class Classifier(nn.Module):
   """ResNet encoder + kept head layers + linear classifier.
 
   Attributes:
-    depth, width_multiplier, sk_ratio, cifar_stem: the `resnet.ResNet`.
+    depth, width_multiplier, sk_ratio, cifar_stem, maxpool_padding: the
+      `resnet.ResNet` (a fine-tuned encoder keeps its source's padding).
     head_layers: projection-head layers kept (ft_proj_selector).
     total_head_layers: layers of the pretrained head (decides whether the
       last kept layer is the head's output layer).
@@ -80,6 +81,7 @@ class Classifier(nn.Module):
   width_multiplier: float = 1
   sk_ratio: float = 0.0
   cifar_stem: bool = False
+  maxpool_padding: str = 'torch'
   head_layers: int = 0
   total_head_layers: int = 2
   proj_out_dim: int = 128
@@ -92,7 +94,8 @@ class Classifier(nn.Module):
     """Returns {'features': classifier input, 'logits': (N, classes)}."""
     h = resnet.ResNet(
         depth=self.depth, width_multiplier=self.width_multiplier,
-        sk_ratio=self.sk_ratio, cifar_stem=self.cifar_stem, dtype=self.dtype,
+        sk_ratio=self.sk_ratio, cifar_stem=self.cifar_stem,
+        maxpool_padding=self.maxpool_padding, dtype=self.dtype,
         name='encoder')(x, train and not self.frozen_encoder)
     if self.frozen_encoder:
       h = jax.lax.stop_gradient(h)
@@ -134,6 +137,7 @@ def build_classifier(run_config: ml_collections.ConfigDict, *,
       depth=m.depth, width_multiplier=m.width_multiplier,
       sk_ratio=m.sk_ratio,
       cifar_stem=uses_cifar_stem(m, run_config.dataset.image_size),
+      maxpool_padding=m.get('maxpool_padding', 'torch'),
       head_layers=head_layers, total_head_layers=m.num_proj_layers,
       proj_out_dim=m.proj_out_dim, num_classes=num_classes,
       frozen_encoder=frozen_encoder, dtype=_DTYPES[dtype])

@@ -5,7 +5,9 @@ The architecture follows REFERENCE.md §2 and the SimCLR TF2 reference
 conv), no conv biases, BatchNorm momentum 0.9 / epsilon 1e-5, the last BN gamma
 of every residual block zero-initialised, explicit symmetric padding on strided
 convs, a CIFAR stem for small images, and the SimCLRv2 selective-kernel (SK)
-variant with a ResNet-D stem and average-pool shortcuts.
+variant with a ResNet-D stem and average-pool shortcuts. The ImageNet stem's
+max-pool pads (1, 1) like torch by default; `maxpool_padding='tf'` gives the
+reference's TF 'SAME' padding instead (see `stem_max_pool`).
 
 Projection shortcuts sit exactly where torchvision's `downsample` does (stride
 != 1 or a channel change), so a non-SK encoder exports one-to-one onto
@@ -66,6 +68,9 @@ STAGE_SIZES: dict[int, tuple[str, tuple[int, int, int, int]]] = {
     200: ('bottleneck', (3, 24, 36, 3)),
 }
 
+# Stem max-pool padding conventions (ResNet.maxpool_padding).
+MAXPOOL_PADDINGS = ('torch', 'tf')
+
 # He init on fan_out, like torchvision's kaiming_normal_(mode='fan_out'); the
 # truncated normal keeps rare huge weights out of a 100+ layer net at init.
 conv_kernel_init = nn.initializers.variance_scaling(
@@ -78,6 +83,43 @@ def check_depth(depth: int) -> None:
     choices = ', '.join(str(d) for d in STAGE_SIZES)
     raise ValueError(
         f'model.depth={depth} is not supported; choose one of {choices}')
+
+
+def check_maxpool_padding(maxpool_padding: str) -> None:
+  """Raises a one-line ValueError for an unknown max-pool padding rule."""
+  if maxpool_padding not in MAXPOOL_PADDINGS:
+    raise ValueError(
+        f'model.maxpool_padding={maxpool_padding!r} is not supported; choose '
+        'one of ' + ', '.join(repr(p) for p in MAXPOOL_PADDINGS))
+
+
+def tf_same_padding(size: int, kernel: int = 3,
+                    stride: int = 2) -> tuple[int, int]:
+  """(before, after) padding of TF 'SAME' pooling along one axis.
+
+  TF pads just enough for ceil(size / stride) outputs and puts the odd pixel
+  after: for the 3x3 stride-2 stem pool that is (0, 1) on an even size and
+  (1, 1) on an odd one.
+  """
+  total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
+  return total // 2, total - total // 2
+
+
+def stem_max_pool(x: jax.Array, maxpool_padding: str = 'torch') -> jax.Array:
+  """The ImageNet stem's 3x3 stride-2 max-pool on NHWC `x`.
+
+  'torch' pads (1, 1) like torch's MaxPool2d(3, 2, 1), so exported weights
+  compute the same in torchvision. 'tf' pads like TF 'SAME', which the SimCLR
+  reference uses: (0, 1) on an even-sized map, so the pooling grid sits one
+  pixel further down/right than torch's there (the two agree on odd sizes).
+  Either way the padding is -inf, so it never wins the max.
+  """
+  check_maxpool_padding(maxpool_padding)
+  if maxpool_padding == 'tf':
+    padding = tuple(tf_same_padding(n) for n in x.shape[1:3])
+  else:
+    padding = ((1, 1), (1, 1))
+  return nn.max_pool(x, (3, 3), strides=(2, 2), padding=padding)
 
 
 def scaled_width(channels: int, width_multiplier: float) -> int:
@@ -263,6 +305,11 @@ class ResNet(nn.Module):
     sk_ratio: > 0 selects the SimCLRv2 selective-kernel variant (released
       models use 0.0625): ResNet-D stem and shortcuts, SK convs in bottlenecks.
     cifar_stem: One 3x3 stride-1 conv and no max-pool, for images <= 32 px.
+    maxpool_padding: Padding of the ImageNet stem's max-pool: 'torch' (1, 1),
+      what torchvision computes, or 'tf', TF 'SAME' as in the SimCLR
+      reference, which pads (0, 1) on even-sized maps. Imported TF
+      checkpoints use 'tf' to match the reference at every input size; no
+      parameter depends on it. Unused with the CIFAR stem.
     dtype: Computation dtype (e.g. bfloat16); parameters stay float32.
     bn_axis_name: Mapped axis for BN statistics inside shard_map/pmap; leave
       None under jit, where statistics over a sharded batch are already global.
@@ -271,12 +318,14 @@ class ResNet(nn.Module):
   width_multiplier: float = 1
   sk_ratio: float = 0.0
   cifar_stem: bool = False
+  maxpool_padding: str = 'torch'
   dtype: Dtype = jnp.float32
   bn_axis_name: str | None = None
 
   def __post_init__(self):
     # Fail at construction, not deep inside the first init/jit trace.
     check_depth(self.depth)
+    check_maxpool_padding(self.maxpool_padding)
     super().__post_init__()
 
   @property
@@ -308,9 +357,7 @@ class ResNet(nn.Module):
       else:
         x = _conv(scaled_width(64, w), 7, 2, self.dtype, 'conv_init')(x)
       x = nn.relu(bn('bn_init')(x))
-      # Explicit (1, 1) padding like torch's MaxPool2d(3, 2, 1); padding is
-      # -inf so it never wins (inputs are post-ReLU anyway).
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+      x = stem_max_pool(x, self.maxpool_padding)
 
     block_name, stage_sizes = STAGE_SIZES[self.depth]
     block_cls = BottleneckBlock if block_name == 'bottleneck' else BasicBlock
@@ -338,6 +385,8 @@ def count_params(params: Any) -> int:
 
 
 __all__ = [
-    'BasicBlock', 'BottleneckBlock', 'ResNet', 'SelectiveKernelConv',
-    'STAGE_SIZES', 'check_depth', 'count_params', 'scaled_width'
+    'BasicBlock', 'BottleneckBlock', 'MAXPOOL_PADDINGS', 'ResNet',
+    'SelectiveKernelConv', 'STAGE_SIZES', 'check_depth',
+    'check_maxpool_padding', 'count_params', 'scaled_width', 'stem_max_pool',
+    'tf_same_padding'
 ]
