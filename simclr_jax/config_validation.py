@@ -162,6 +162,54 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
         f'config.batch_size={b} evenly over {num_devices} devices: the '
         f'batch must be a multiple of chunks x devices = '
         f'{chunks * num_devices}')
+  _validate_method(config)
+
+
+def _validate_method(config: ml_collections.ConfigDict) -> None:
+  """Settings of the method config.method selects (REFERENCE §6)."""
+  method, b = config.method, config.batch_size
+  if method in ('moco_v2', 'moco_v3', 'byol'):
+    section = {'moco_v2': 'moco', 'moco_v3': 'mocov3', 'byol': 'byol'}[method]
+    m = config[section].momentum
+    if not 0.0 <= m < 1.0:
+      raise ConfigError(f'config.{section}.momentum={m!r} is invalid: must be '
+                        'in [0, 1)')
+    if section != 'moco':
+      _integer(f'{section}.predictor_hidden_dim',
+               config[section].predictor_hidden_dim, 1)
+  if method == 'moco_v2':
+    k = config.moco.queue_size
+    _integer('moco.queue_size', k, 1)
+    if k % (2 * b):
+      raise ConfigError(
+          f'config.moco.queue_size={k} must be a multiple of 2 x batch_size '
+          f'= {2 * b} (both views\' keys are enqueued each step)')
+  if method == 'swav':
+    _integer('swav.num_prototypes', config.swav.num_prototypes, 2)
+    _integer('swav.sinkhorn_iterations', config.swav.sinkhorn_iterations, 1)
+    _positive('swav.epsilon', config.swav.epsilon)
+    _integer('swav.freeze_prototypes_steps',
+             config.swav.freeze_prototypes_steps, 0)
+  if method == 'instdisc':
+    _integer('instdisc.num_negatives', config.instdisc.num_negatives, 1)
+    m = config.instdisc.bank_momentum
+    if not 0.0 <= m < 1.0:
+      raise ConfigError(f'config.instdisc.bank_momentum={m!r} is invalid: '
+                        'must be in [0, 1)')
+  if method == 'hcl':
+    _positive('hcl.beta', config.hcl.beta, allow_zero=True)
+    t = config.hcl.tau_plus
+    if not 0.0 <= t < 1.0:
+      raise ConfigError(f'config.hcl.tau_plus={t!r} is invalid: must be in '
+                        '[0, 1)')
+  if method in ('triplet', 'contrastive_margin'):
+    _positive('margin.margin', config.margin.margin)
+  if config.get('grad_cache_chunks', 0) and method in (
+      'moco_v2', 'moco_v3', 'byol', 'swav', 'instdisc'):
+    raise ConfigError(
+        f'config.grad_cache_chunks={config.grad_cache_chunks} is not supported '
+        f'for method={method!r}: its loss needs more than the projections; '
+        'use 0, or simclr, hcl, supcon, triplet or contrastive_margin')
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -32,6 +32,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.shuffle_buffer_multiplier = 50
   c.dataset.cache = True
   c.dataset.prefetch = 2  # Batches prefetched onto the devices.
+  # A TFDS image that does not decode: 'skip' (drop it, count it, warn with
+  # its record id) or 'fail' (stop with a message naming the record).
+  c.dataset.on_corrupt = 'skip'
 
   c.augment = ml_collections.ConfigDict()
   c.augment.backend = 'tf'  # 'tf' (tf.data on host CPU) or 'jax' (on device).
@@ -43,6 +46,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.width_multiplier = 1.0
   c.model.sk_ratio = 0.0
   c.model.stem = 'auto'  # 'auto' picks the CIFAR stem for image_size <= 32.
+  # ImageNet-stem max-pool padding: 'torch' (1, 1), as torchvision computes,
+  # or 'tf' (TF 'SAME', the SimCLR reference's; (0, 1) on even-sized maps).
+  c.model.maxpool_padding = 'torch'
   c.model.num_proj_layers = 2  # SimCLRv1: 2, SimCLRv2: 3.
   c.model.proj_out_dim = 128
   c.model.ft_proj_selector = 0
@@ -51,6 +57,25 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.loss = ml_collections.ConfigDict()
   c.loss.temperature = 0.5
+
+  # Settings of the other methods (simclr_jax/methods; REFERENCE §6). Every
+  # method reads its temperature from loss.temperature.
+  c.moco = ml_collections.ConfigDict(dict(momentum=0.999, queue_size=65536))
+  c.mocov3 = ml_collections.ConfigDict(
+      dict(momentum=0.99, predictor_hidden_dim=4096))
+  c.byol = ml_collections.ConfigDict(
+      dict(momentum=0.996, predictor_hidden_dim=4096))
+  c.swav = ml_collections.ConfigDict(
+      dict(num_prototypes=3000, epsilon=0.05, sinkhorn_iterations=3,
+           freeze_prototypes_steps=313))
+  c.instdisc = ml_collections.ConfigDict(
+      dict(num_negatives=4096, bank_momentum=0.5))
+  c.hcl = ml_collections.ConfigDict(dict(beta=1.0, tau_plus=0.1))
+  # base_temperature 0 = the temperature itself (SupContrast scaling T/base_T = 1).
+  c.supcon = ml_collections.ConfigDict(dict(base_temperature=0.0))
+  # Triplet / pairwise margin losses; use_labels=False: instance positives.
+  c.margin = ml_collections.ConfigDict(
+      dict(margin=1.0, use_labels=False, batch_hard=True))
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = 'lars'  # 'lars', 'sgd' (momentum) or 'adamw'.
@@ -74,7 +99,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 50
   c.checkpoint_every_steps = 500
   c.keep_checkpoints = 2
-  c.on_nan = 'stop'
+  c.on_nan = 'stop'  # or 'skip_step' (keep the state, count the step).
+
+  # Testing aids, never needed for real runs.
+  c.debug = ml_collections.ConfigDict()
+  # Makes the loss and gradients NaN at this global step (1-based, as logged)
+  # inside the jitted step, to exercise on_nan; -1 = off.
+  c.debug.inject_nan_at_step = -1
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 512
@@ -85,6 +116,41 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.fewshot_shots = (1, 5, 10)
   c.eval.fewshot_draws = 10
   c.eval.probe_random_init = True  # Also probe the same architecture at random init.
+
+  # Downstream modes (simclr_jax/downstream.py; REFERENCE §5). Every section
+  # trains with momentum SGD, peak LR = learning_rate * B/256 ('linear') or
+  # * sqrt(B) ('sqrt'), no warmup, cosine decay; wd on kernels only.
+  # linear_eval: frozen encoder (BN in inference mode), linear classifier on h.
+  c.linear_eval = ml_collections.ConfigDict(dict(
+      epochs=90.0, batch_size=4096, learning_rate=0.1, lr_scaling='linear',
+      momentum=0.9, nesterov=True,
+      weight_decay=0.0,  # 0 CIFAR; 1e-6 ImageNet.
+      fast_probe=True,  # Also the main job's probes/kNN on the same features.
+      probe_max_examples=50000))  # Per split, for the fast probe (0 = all).
+  # finetune: encoder + model.ft_proj_selector head layers + classifier on
+  # label_fraction of the labels (SimCLRv2: 1% 60 epochs, 10% 30 epochs, from
+  # head layer 1, lr 0.005 * sqrt(B) = 0.16 at B=1024, wd 0).
+  # fine_tune_after_block: -1 trains all; 0 freezes the stem; k in 1..4 the
+  # stem and stages 1..k. from_scratch: the same network from random init.
+  c.finetune = ml_collections.ConfigDict(dict(
+      epochs=30.0, batch_size=1024, learning_rate=0.005, lr_scaling='sqrt',
+      momentum=0.9, nesterov=True, weight_decay=0.0, label_fraction=0.1,
+      label_seed=0, fine_tune_after_block=-1, from_scratch=False))
+  # distill: init_from = the fine-tuned teacher's workdir; the student is
+  # config.model's ResNet. labelled_weight mixes in the labelled CE (0 = pure
+  # distillation, SimCLRv2's choice with few labels).
+  c.distill = ml_collections.ConfigDict(dict(
+      epochs=30.0, batch_size=1024, learning_rate=0.005, lr_scaling='sqrt',
+      momentum=0.9, nesterov=True, weight_decay=0.0, temperature=1.0,
+      labelled_weight=0.0))
+  # embed: 2-D picture of the eval-split encoder features ('pca' or 'tsne').
+  c.embed = ml_collections.ConfigDict(dict(method='tsne', max_points=5000))
+  # export (simclr_jax/export/): include_head also writes the projection head;
+  # torchvision: 'auto' writes resnet{depth}.safetensors when torchvision has
+  # the architecture (width 1, no SK) and records why not otherwise,
+  # 'require' fails instead, 'off' skips it.
+  c.export = ml_collections.ConfigDict(dict(include_head=True,
+                                            torchvision='auto'))
   return c
 
 
@@ -101,3 +167,16 @@ def load_recipe(path: str) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
+
+
+# Per-dataset SimCLR recipes the method recipes (configs/methods/) start from.
+_DATASET_RECIPES = {'digits': 'digits.py', 'cifar10': 'cifar10_resnet18.py'}
+
+
+def dataset_recipe(dataset: str, configs_dir: str) -> ml_collections.ConfigDict:
+  """The SimCLR recipe of `dataset` from the recipe folder `configs_dir`."""
+  import os  # pylint: disable=g-import-not-at-top
+  if dataset not in _DATASET_RECIPES:
+    raise ValueError(f'no recipe for dataset {dataset!r}; choose one of '
+                     + ', '.join(sorted(_DATASET_RECIPES)))
+  return load_recipe(os.path.join(configs_dir, _DATASET_RECIPES[dataset]))

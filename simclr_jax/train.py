@@ -25,6 +25,7 @@ from absl import logging
 from simclr_jax import checkpointing
 from simclr_jax import config_validation
 from simclr_jax import knn_monitor
+from simclr_jax import methods
 from simclr_jax import metric_writer
 from simclr_jax import models
 from simclr_jax import optim
@@ -38,6 +39,11 @@ _SHAPE_FIELDS = ('model.depth', 'model.width_multiplier', 'model.sk_ratio',
                  'model.stem', 'model.num_proj_layers', 'model.proj_out_dim',
                  'model.linear_eval_while_pretraining', 'optim.name',
                  'dataset.name', 'method')
+# ... and those that fix the shapes of one method's extra state or parts.
+_METHOD_SHAPE_FIELDS = {'moco_v2': ('moco.queue_size',),
+                        'moco_v3': ('mocov3.predictor_hidden_dim',),
+                        'byol': ('byol.predictor_hidden_dim',),
+                        'swav': ('swav.num_prototypes',)}
 
 
 class NonFiniteError(RuntimeError):
@@ -53,6 +59,7 @@ class Setup:
   steps_per_epoch: int
   total_steps: int
   model: Any
+  method: Any  # methods.Method: the loss and any state besides params.
   tx: Any
   schedule: Any
   init_rng: jax.Array
@@ -85,7 +92,7 @@ def check_resume_compatible(workdir: str, config: ml_collections.ConfigDict
   if os.path.exists(path):
     with open(path) as f:
       saved = json.load(f)
-    for field in _SHAPE_FIELDS:
+    for field in _SHAPE_FIELDS + _METHOD_SHAPE_FIELDS.get(config.method, ()):
       old = saved
       for part in field.split('.'):
         old = old.get(part) if isinstance(old, dict) else None
@@ -117,11 +124,14 @@ def build(config: ml_collections.ConfigDict, mesh=None) -> Setup:
         f'config.batch_size={config.batch_size} is larger than the '
         f'{info.num_train_examples} training examples of {config.dataset.name}')
   total_steps = config.train_steps or config.num_epochs * steps_per_epoch
-  model = models.build_model(config, info.num_classes)
+  method = methods.make_method(config, mesh=mesh, total_steps=total_steps,
+                               num_train_examples=info.num_train_examples)
+  model = models.build_model(config, info.num_classes,
+                             **method.model_overrides())
   tx, schedule = optim.make_optimizer(config, steps_per_epoch, total_steps)
   init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
-  return Setup(config, mesh, info, steps_per_epoch, total_steps, model, tx,
-               schedule, init_rng, step_rng)
+  return Setup(config, mesh, info, steps_per_epoch, total_steps, model,
+               method, tx, schedule, init_rng, step_rng)
 
 
 def make_step(setup: Setup):
@@ -131,7 +141,7 @@ def make_step(setup: Setup):
       c.augment.blur)
   return train_step_lib.make_train_step(
       setup.model, setup.tx, setup.schedule, setup.mesh,
-      temperature=c.loss.temperature, views_fn=views_fn,
+      method=setup.method, views_fn=views_fn,
       skip_nonfinite=c.on_nan == 'skip_step',
       inject_nan_at_step=(c.debug.inject_nan_at_step if 'debug' in c
                           else -1),
@@ -143,7 +153,7 @@ def make_step(setup: Setup):
 def initial_state(setup: Setup) -> train_step_lib.TrainState:
   return train_step_lib.create_train_state(
       setup.model, setup.tx, setup.init_rng, setup.config.dataset.image_size,
-      setup.mesh)
+      setup.mesh, setup.method)
 
 
 class _StopRequest:
@@ -303,7 +313,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str,
   batches = pipeline.make_pretrain_iterator(
       config, process_index=jax.process_index(),
       process_count=jax.process_count(), start_step=start_step,
-      stats=input_stats)
+      include_index=setup.method.needs_index, stats=input_stats)
   batches = parallel.prefetch_to_mesh(batches, mesh, config.dataset.prefetch)
   writer = metric_writer.MetricWriter(workdir)
   monitor = knn_monitor.KnnMonitor(setup, workdir)
@@ -367,7 +377,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str,
         eta = (total - step) / rate if rate else float('nan')
         logging.info(
             'step %d/%d  loss %.4f  acc %.3f  lr %.4g  %.1f img/s  ETA %s',
-            step, total, scalars['loss'], scalars['contrastive_acc'],
+            step, total, scalars['loss'], scalars.get('contrastive_acc', 0.0),
             scalars['learning_rate'], scalars['examples_per_sec'],
             _fmt_eta(eta))
         writer.write(step, scalars)

@@ -8,18 +8,18 @@ batch); only the loss runs inside shard_map, where each device all-gathers the
 projections and scores its own rows against all 2N keys (REFERENCE §1).
 """
 
-import functools
 from typing import Any, Callable
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
 
 from simclr_jax import grad_cache
-from simclr_jax import losses
+from simclr_jax import methods
 from simclr_jax import parallel
 
 
@@ -29,6 +29,8 @@ class TrainState(flax.struct.PyTreeNode):
   params: Any  # {'encoder', 'projection_head', 'linear_head'}
   batch_stats: Any
   opt_state: Any
+  # Method state (simclr_jax/methods): momentum encoder, queue, memory bank.
+  extra: Any = flax.struct.field(default_factory=dict)
 
 
 def init_variables(model: nn.Module, rng: jax.Array, image_size: int
@@ -40,40 +42,35 @@ def init_variables(model: nn.Module, rng: jax.Array, image_size: int
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
                        rng: jax.Array, image_size: int,
-                       mesh: Mesh) -> TrainState:
-  """Initialises the state directly as replicated arrays on the mesh."""
+                       mesh: Mesh,
+                       method: methods.Method | None = None) -> TrainState:
+  """Initialises the state directly as replicated arrays on the mesh.
+
+  The method's state (target network, queue, bank) is replicated too: every
+  device needs all of it (a queue of all-gathered keys, a bank indexed by
+  any image id).
+  """
 
   def init(rng):
     variables = init_variables(model, rng, image_size)
     params = variables['params']
+    batch_stats = variables.get('batch_stats', {})
+    extra = {}
+    if method is not None:
+      extra = method.init_extra(params, batch_stats,
+                                jax.random.fold_in(rng, 1))
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
-        batch_stats=variables.get('batch_stats', {}),
-        opt_state=tx.init(params))
+        batch_stats=batch_stats,
+        opt_state=tx.init(params),
+        extra=extra)
 
   return jax.jit(init, out_shardings=parallel.replicated(mesh))(rng)
 
 
 def _global_norm(tree: Any) -> jax.Array:
   return optax.tree.norm(tree)
-
-
-def _linear_head_metrics(logits: jax.Array, labels: jax.Array
-                         ) -> tuple[jax.Array, jax.Array]:
-  """Cross-entropy and accuracy of the online linear head.
-
-  Labels < 0 mark unlabelled examples (e.g. STL-10 'unlabelled'); they are
-  left out of both numbers.
-  """
-  valid = (labels >= 0).astype(jnp.float32)
-  safe = jnp.maximum(labels, 0)
-  nll = optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), safe)
-  count = jnp.maximum(jnp.sum(valid), 1.0)
-  loss = jnp.sum(nll * valid) / count
-  acc = jnp.sum((jnp.argmax(logits, -1) == safe) * valid) / count
-  return loss, acc
 
 
 def make_views_fn(augment_backend: str, image_size: int,
@@ -105,8 +102,9 @@ def make_train_step(model: nn.Module,
                     schedule: Callable[[Any], Any],
                     mesh: Mesh,
                     *,
-                    temperature: float,
                     views_fn: Callable[[dict, jax.Array], jax.Array],
+                    method: methods.Method | None = None,
+                    temperature: float | None = None,
                     skip_nonfinite: bool = False,
                     compute_dtype: Any = jnp.float32,
                     grad_cache_chunks: int = 0,
@@ -119,25 +117,48 @@ def make_train_step(model: nn.Module,
     tx: the optimiser.
     schedule: step -> learning rate, for the metrics.
     mesh: 1-D mesh with axis 'data'.
-    temperature: NT-Xent temperature.
     views_fn: batch, rng -> (N, 2, S, S, 3) float views.
+    method: the contrastive method (simclr_jax/methods); None means SimCLR
+      with `temperature`.
+    temperature: NT-Xent temperature when `method` is None.
     skip_nonfinite: if the loss or gradients are not finite, keep the old
       state for this step (config on_nan='skip_step') and count it.
     compute_dtype: dtype the views are cast to before the encoder.
     grad_cache_chunks: > 0 computes the gradient by gradient caching in this
       many chunks (simclr_jax/grad_cache.py): same loss, activation memory of
-      one chunk, one extra forward pass.
+      one chunk, one extra forward pass. Needs a method whose loss depends on
+      the projections alone (`method.supports_grad_cache`).
     grad_cache_bn: BN under gradient caching, 'per_chunk' or 'frozen'.
     inject_nan_at_step: testing aid (config debug.inject_nan_at_step): the
       update that makes state.step equal to this gets a NaN loss and NaN
       gradients, so tests can drive on_nan through the real jitted step.
   """
-  loss_fn_sharded = jax.shard_map(
-      functools.partial(losses.sharded_nt_xent, temperature=temperature,
-                        axis_name=parallel.DATA_AXIS),
-      mesh=mesh,
-      in_specs=(P(parallel.DATA_AXIS), P(parallel.DATA_AXIS)),
-      out_specs=(P(), P()))
+  if method is None:
+    method = methods.SimCLR(
+        ml_collections.ConfigDict({'loss': {'temperature': temperature}}),
+        mesh=mesh, total_steps=0, num_train_examples=0)
+  if grad_cache_chunks and not method.supports_grad_cache:
+    raise ValueError(f'grad_cache_chunks={grad_cache_chunks} is not supported '
+                     f'for method={method.name!r}: its loss needs more than '
+                     'the projections (use 0)')
+
+  def gradients(state: TrainState, step_batch: methods.StepBatch):
+    """(grads, LossOutput) of the method's loss at state.params."""
+    if grad_cache_chunks:
+
+      def projection_loss(z_a, z_b):
+        loss, metrics = method.projection_loss(z_a, z_b, step_batch)
+        return loss, dict(metrics, contrastive_loss=loss)
+
+      grads, (metrics, batch_stats) = grad_cache.simclr_grads(
+          model, state.params, state.batch_stats, step_batch.x,
+          jnp.repeat(step_batch.labels, 2), contrastive_loss=projection_loss,
+          head_loss=methods.base.linear_head_loss,
+          num_chunks=grad_cache_chunks, mesh=mesh, bn=grad_cache_bn)
+      return grads, methods.LossOutput(metrics, batch_stats)
+    return jax.grad(
+        lambda p: method.loss(model, p, state.batch_stats, state.extra,
+                              step_batch), has_aux=True)(state.params)
 
   def train_step(state: TrainState, batch: dict, rng: jax.Array
                  ) -> tuple[TrainState, dict]:
@@ -146,47 +167,30 @@ def make_train_step(model: nn.Module,
     # (N, 2, ...) -> (2N, ...) keeps each device's rows on that device (the
     # two views of an image are neighbours), so this is free under sharding.
     x = views.reshape((2 * n,) + views.shape[2:]).astype(compute_dtype)
-    labels = jnp.repeat(batch['labels'], 2)
-
-    def loss_fn(params):
-      out, new_model_state = model.apply(
-          {'params': params, 'batch_stats': state.batch_stats}, x,
-          train=True, mutable=['batch_stats'])
-      z = out['projection'].reshape((n, 2, -1))
-      loss, metrics = loss_fn_sharded(z[:, 0], z[:, 1])
-      total = loss
-      if out.get('logits') is not None:
-        # The head sees stop_gradient features, so adding its loss trains
-        # the head without shaping the encoder (reference: linear eval while
-        # pretraining).
-        lin_loss, lin_acc = _linear_head_metrics(out['logits'], labels)
-        total = total + lin_loss
-        metrics = dict(metrics, linear_loss=lin_loss, linear_acc=lin_acc)
-      return total, (metrics, new_model_state['batch_stats'])
-
-    if grad_cache_chunks:
-      grads, (metrics, batch_stats) = grad_cache.simclr_grads(
-          model, state.params, state.batch_stats, x, labels,
-          contrastive_loss=loss_fn_sharded, head_loss=_linear_head_metrics,
-          num_chunks=grad_cache_chunks, mesh=mesh, bn=grad_cache_bn)
-    else:
-      grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(
-          state.params)
+    step_batch = methods.StepBatch(
+        x=x, labels=batch['labels'], index=batch.get('index'),
+        rng=jax.random.fold_in(rng, 1), step=state.step)
+    grads, out = gradients(state, step_batch)
+    metrics = out.metrics
+    grads = method.mask_frozen(grads, state.step)
     if inject_nan_at_step >= 0:
       poison = jnp.where(state.step + 1 == inject_nan_at_step, jnp.nan, 1.0)
       grads = jax.tree.map(lambda g: g * poison, grads)
       metrics = dict(metrics,
                      contrastive_loss=metrics['contrastive_loss'] * poison)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updates = method.mask_frozen(updates, state.step)
     params = optax.apply_updates(state.params, updates)
+    extra = method.update_extra(state.extra, params, out.payload, state.step)
     new_state = state.replace(step=state.step + 1, params=params,
-                              batch_stats=batch_stats, opt_state=opt_state)
+                              batch_stats=out.batch_stats,
+                              opt_state=opt_state, extra=extra)
     grad_norm = _global_norm(grads)
     finite = jnp.isfinite(metrics['contrastive_loss']) & jnp.isfinite(
         grad_norm)
     if skip_nonfinite:
-      # Keep the old state but still advance the step, so the data stream
-      # and the schedule move on.
+      # Keep the old state (method state included) but still advance the
+      # step, so the data stream and the schedule move on.
       kept = state.replace(step=state.step + 1)
       new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
                                new_state, kept)

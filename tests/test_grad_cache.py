@@ -18,6 +18,7 @@ from simclr_jax import config_validation
 from simclr_jax import defaults
 from simclr_jax import grad_cache
 from simclr_jax import losses
+from simclr_jax import methods
 from simclr_jax import optim
 from simclr_jax import parallel
 from simclr_jax import train_step as ts
@@ -81,7 +82,7 @@ def _sharded_grads(model, params, stats, x, labels, chunks, bn):
       out_specs=(P(), P()))
   fn = jax.jit(functools.partial(
       grad_cache.simclr_grads, model, contrastive_loss=contrastive,
-      head_loss=ts._linear_head_metrics,  # pylint: disable=protected-access
+      head_loss=methods.base.linear_head_loss,
       num_chunks=chunks, mesh=mesh, bn=bn))
   sharding = parallel.data_sharding(mesh)
   return fn(params, stats, jax.device_put(x, sharding),

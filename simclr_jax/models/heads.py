@@ -80,6 +80,31 @@ class ProjectionHead(nn.Module):
     return x, hiddens
 
 
+class Predictor(nn.Module):
+  """BYOL / MoCo v3 predictor q: Dense-BN-ReLU-Dense (the last with bias).
+
+  BYOL (Grill et al. 2020, §3.3) uses the same MLP shape as its projector but
+  without a BN on the output; MoCo v3 follows it for ResNets.
+  """
+  hidden_dim: int
+  out_dim: int
+  dtype: Dtype = jnp.float32
+  bn_axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, z: jax.Array, train: bool) -> jax.Array:
+    x = nn.Dense(self.hidden_dim, use_bias=False, dtype=self.dtype,
+                 param_dtype=jnp.float32, kernel_init=dense_kernel_init,
+                 name='dense1')(z)
+    x = nn.BatchNorm(use_running_average=not train,
+                     momentum=resnet.BN_MOMENTUM, epsilon=resnet.BN_EPSILON,
+                     dtype=self.dtype, param_dtype=jnp.float32,
+                     axis_name=self.bn_axis_name, name='bn1')(x)
+    x = nn.relu(x)
+    return nn.Dense(self.out_dim, dtype=self.dtype, param_dtype=jnp.float32,
+                    kernel_init=dense_kernel_init, name='dense2')(x)
+
+
 class LinearHead(nn.Module):
   """Linear classifier with bias: online linear eval or supervised head.
 

@@ -1,0 +1,41 @@
+"""The contrastive family on one trainer: `config.method` picks the method.
+
+See methods/base.py for the interface. Each method has a digits and a
+CIFAR-10 recipe under configs/ (configs/methods/).
+"""
+
+from simclr_jax.methods.base import LossOutput
+from simclr_jax.methods.base import Method
+from simclr_jax.methods.base import StepBatch
+from simclr_jax.methods.contrastive import ContrastiveMargin
+from simclr_jax.methods.contrastive import HardNegativeSimCLR
+from simclr_jax.methods.contrastive import SimCLR
+from simclr_jax.methods.contrastive import SupCon
+from simclr_jax.methods.contrastive import Triplet
+from simclr_jax.methods.instdisc import InstDisc
+from simclr_jax.methods.momentum import BYOL
+from simclr_jax.methods.momentum import MoCoV2
+from simclr_jax.methods.momentum import MoCoV3
+from simclr_jax.methods.swav import SwAV
+
+METHODS: dict[str, type[Method]] = {
+    m.name: m for m in (SimCLR, HardNegativeSimCLR, SupCon, Triplet,
+                        ContrastiveMargin, MoCoV2, MoCoV3, BYOL, SwAV,
+                        InstDisc)
+}
+
+
+def make_method(config, *, mesh, total_steps: int,
+                num_train_examples: int) -> Method:
+  """The `config.method` object; unknown names fail with the allowed list."""
+  if config.method not in METHODS:
+    raise ValueError(f'method={config.method!r} is not supported; choose one '
+                     'of ' + ', '.join(sorted(METHODS)))
+  cls = METHODS[config.method]
+  kw = dict(total_steps=total_steps, num_train_examples=num_train_examples)
+  if cls is SimCLR:
+    return cls(config, mesh=mesh, **kw)
+  return cls(config, **kw)
+
+
+__all__ = ['LossOutput', 'METHODS', 'Method', 'StepBatch', 'make_method']

@@ -1,0 +1,122 @@
+"""Single-network methods: one online network, a loss on its projections.
+
+SimCLR (NT-Xent over the all-gathered batch, inside shard_map so each device
+holds a (2b x 2N) similarity matrix), hard-negative NT-Xent (HCL), SupCon,
+and the metric-learning triplet and pairwise margin losses. Without labels,
+SupCon, triplet and margin use instance labels (the two views of an image are
+the positives), which makes them self-supervised; with `use_labels` they use
+the dataset's classes (SupCon always does: that is what it is for).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from simclr_jax import losses
+from simclr_jax import parallel
+from simclr_jax.methods import base
+
+
+def _normalize(z: jax.Array) -> jax.Array:
+  z = z.astype(jnp.float32)
+  return z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
+
+
+class SimCLR(base.Method):
+  """SimCLR (Chen et al. 2020): NT-Xent over the global batch (REFERENCE §1)."""
+
+  name = 'simclr'
+
+  def __init__(self, config, *, mesh, **kw):
+    super().__init__(config, **kw)
+    self.sharded_loss = jax.shard_map(
+        functools.partial(losses.sharded_nt_xent,
+                          temperature=config.loss.temperature,
+                          axis_name=parallel.DATA_AXIS),
+        mesh=mesh,
+        in_specs=(P(parallel.DATA_AXIS), P(parallel.DATA_AXIS)),
+        out_specs=(P(), P()))
+
+  def projection_loss(self, z_a, z_b, batch):
+    del batch
+    return self.sharded_loss(z_a, z_b)
+
+
+class HardNegativeSimCLR(base.Method):
+  """HCL (Robinson et al. 2021): NT-Xent with hard, debiased negatives.
+
+  Computed on the global batch under jit (GSPMD partitions it); at very large
+  batches SimCLR's shard_map form is the memory-lean one.
+  """
+
+  name = 'hcl'
+
+  def projection_loss(self, z_a, z_b, batch):
+    del batch
+    c = self.config
+    loss = losses.hard_negative_nt_xent(
+        z_a, z_b, temperature=c.loss.temperature, beta=c.hcl.beta,
+        tau_plus=c.hcl.tau_plus)
+    return loss, {}
+
+
+def _instance_or_class_labels(batch: base.StepBatch, use_labels: bool
+                              ) -> jax.Array:
+  """Class labels, or per-image ids so that only the two views match."""
+  if use_labels:
+    return batch.labels
+  return jnp.arange(batch.labels.shape[0], dtype=jnp.int32)
+
+
+class SupCon(base.Method):
+  """Supervised contrastive L_out (Khosla et al. 2020), labels from the data."""
+
+  name = 'supcon'
+  needs_labels = True
+
+  def projection_loss(self, z_a, z_b, batch):
+    z = jnp.stack([z_a, z_b], axis=1)  # (N, 2 views, D)
+    loss = losses.supcon(z, batch.labels, temperature=self.config.loss.temperature,
+                         base_temperature=self.config.supcon.base_temperature
+                         or None)
+    return loss, {}
+
+
+class Triplet(base.Method):
+  """Batch-hard triplet margin loss on L2-normalised projections."""
+
+  name = 'triplet'
+
+  @property
+  def needs_labels(self) -> bool:  # type: ignore[override]
+    return bool(self.config.margin.use_labels)
+
+  def projection_loss(self, z_a, z_b, batch):
+    labels = _instance_or_class_labels(batch, self.needs_labels)
+    emb = jnp.concatenate([_normalize(z_a), _normalize(z_b)])
+    loss = losses.triplet_margin(emb, jnp.concatenate([labels, labels]),
+                                 margin=self.config.margin.margin)
+    return loss, {}
+
+
+class ContrastiveMargin(base.Method):
+  """Pairwise contrastive (margin) loss of Siamese networks (Hadsell 2006)."""
+
+  name = 'contrastive_margin'
+
+  @property
+  def needs_labels(self) -> bool:  # type: ignore[override]
+    return bool(self.config.margin.use_labels)
+
+  def projection_loss(self, z_a, z_b, batch):
+    labels = _instance_or_class_labels(batch, self.needs_labels)
+    emb = jnp.concatenate([_normalize(z_a), _normalize(z_b)])
+    loss = losses.contrastive_margin(
+        emb, jnp.concatenate([labels, labels]),
+        margin=self.config.margin.margin,
+        batch_hard=self.config.margin.batch_hard)
+    return loss, {}
