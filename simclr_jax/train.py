@@ -276,6 +276,60 @@ def _truncate_metrics_log(workdir: str, step: int) -> None:
     os.replace(path + '.tmp', path)
 
 
+class _Reporter:
+  """Host side of the loop: non-finite checks, log lines and summaries.
+
+  `report` is the only place the loop waits for the device; the loop calls
+  it at checkpoint steps (before saving) and one step late for log steps.
+  """
+
+  def __init__(self, setup: Setup, workdir: str, writer: Any, ckpt: Any,
+               skipped_before: int, input_stats: dict):
+    self._setup, self._workdir = setup, workdir
+    self._writer, self._ckpt = writer, ckpt
+    self._skipped_before = skipped_before
+    self._input_stats = input_stats
+    self.skipped_steps = skipped_before
+    self.last_metrics = None
+    self.final_loss = float('nan')
+
+  def report(self, step: int, metrics: Any, tracker: Any,
+             rate: float | None) -> None:
+    """Fetches a step's metrics; stops on NaN; logs them if `rate` is set."""
+    config = self._setup.config
+    last = parallel.fetch(metrics)
+    seen = parallel.fetch(tracker)
+    # The step named is the first bad one, not this one.
+    if seen['first_bad_step'] >= 0 and config.on_nan == 'stop':
+      path, bad = _write_nan_diagnostic(self._workdir, seen)
+      self._ckpt.wait()
+      raise NonFiniteError(
+          f'non-finite {", ".join(bad)} at step {seen["first_bad_step"]} '
+          f'(on_nan=stop); diagnostic in {path}; the last good '
+          f'checkpoint (step {self._ckpt.latest_step()}) is kept')
+    skipped = self._skipped_before + int(seen['skipped_steps'])
+    if skipped > self.skipped_steps:
+      logging.warning('Skipped %d non-finite steps so far (first at step '
+                      '%d); the state was left unchanged for each.',
+                      skipped, seen['first_bad_step'])
+    self.skipped_steps = skipped
+    last['skipped_steps'] = skipped
+    last['corrupt_images_skipped'] = self._input_stats.get(
+        'corrupt_images_skipped', 0)
+    self.last_metrics, self.final_loss = last, last['loss']
+    if rate is None:
+      return
+    total = self._setup.total_steps
+    scalars = dict(last, examples_per_sec=rate * config.batch_size,
+                   epoch=step / self._setup.steps_per_epoch)
+    eta = (total - step) / rate if rate else float('nan')
+    logging.info(
+        'step %d/%d  loss %.4f  acc %.3f  lr %.4g  %.1f img/s  ETA %s',
+        step, total, scalars['loss'], scalars.get('contrastive_acc', 0.0),
+        scalars['learning_rate'], scalars['examples_per_sec'], _fmt_eta(eta))
+    self._writer.write(step, scalars)
+
+
 def pretrain(config: ml_collections.ConfigDict, workdir: str,
              setup: Setup | None = None,
              stop_after_steps: int | None = None) -> dict:
@@ -323,12 +377,13 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str,
                '%d devices, from step %d', config.dataset.name, total,
                setup.steps_per_epoch, config.batch_size, mesh.devices.size,
                start_step)
-  last_metrics, tracker = None, None
-  skipped_steps = skipped_before
-  final_loss = float('nan')
+  reporter = _Reporter(setup, workdir, writer, ckpt, skipped_before,
+                       input_stats)
+  tracker = None
   t_loop, steps_timed = None, 0
   step = start_step
   interrupted = False
+  pending = None  # A log step whose metrics are on their way to the host.
   try:
     while step < total:
       batch = next(batches)
@@ -343,49 +398,31 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str,
         t_loop, steps_timed = time.time(), 0
       else:
         steps_timed += 1
+      if pending is not None:
+        # Read the previous log step's metrics only now, with this step
+        # already queued behind it: the device never idles waiting for the
+        # host to print a log line.
+        reporter.report(*pending)
+        pending = None
       is_log = step % config.log_every_steps == 0 or step == total
       is_ckpt = step % config.checkpoint_every_steps == 0 or step == total
       stopping = stop.signum is not None or bool(
           stop_after_steps and step - start_step >= stop_after_steps)
-      if is_log or is_ckpt or stopping:
-        last_metrics = parallel.fetch(metrics)
-        seen = parallel.fetch(tracker)
-        # Checked before the save below, so NaN parameters never reach a
-        # checkpoint; the step named is the first bad one, not this one.
-        if seen['first_bad_step'] >= 0 and config.on_nan == 'stop':
-          path, bad = _write_nan_diagnostic(workdir, seen)
-          ckpt.wait()
-          raise NonFiniteError(
-              f'non-finite {", ".join(bad)} at step {seen["first_bad_step"]} '
-              f'(on_nan=stop); diagnostic in {path}; the last good '
-              f'checkpoint (step {ckpt.latest_step()}) is kept')
-        if skipped_before + seen['skipped_steps'] > skipped_steps:
-          logging.warning('Skipped %d non-finite steps so far (first at step '
-                          '%d); the state was left unchanged for each.',
-                          skipped_before + seen['skipped_steps'],
-                          seen['first_bad_step'])
-        skipped_steps = skipped_before + int(seen['skipped_steps'])
-        last_metrics['skipped_steps'] = skipped_steps
-        last_metrics['corrupt_images_skipped'] = input_stats.get(
-            'corrupt_images_skipped', 0)
-        final_loss = last_metrics['loss']
-      if is_log:
-        elapsed = time.time() - t_loop
-        rate = steps_timed / elapsed if elapsed > 0 and steps_timed else 0.0
-        scalars = dict(last_metrics, examples_per_sec=rate * config.batch_size,
-                       epoch=step / setup.steps_per_epoch)
-        eta = (total - step) / rate if rate else float('nan')
-        logging.info(
-            'step %d/%d  loss %.4f  acc %.3f  lr %.4g  %.1f img/s  ETA %s',
-            step, total, scalars['loss'], scalars.get('contrastive_acc', 0.0),
-            scalars['learning_rate'], scalars['examples_per_sec'],
-            _fmt_eta(eta))
-        writer.write(step, scalars)
+      rate = steps_timed / max(time.time() - t_loop, 1e-9)
+      if is_ckpt or stopping:
+        # Synchronous: the non-finite check must precede the save below, so
+        # NaN parameters never reach a checkpoint.
+        reporter.report(step, metrics, tracker, rate if is_log else None)
+      elif is_log:
+        for x in jax.tree.leaves((metrics, tracker)):
+          x.copy_to_host_async()
+        pending = (step, metrics, tracker, rate)
       if monitor.due(step, total):
         writer.write(step, {'knn_accuracy': monitor.measure(step, state)})
       if is_ckpt or stopping:
         ckpt.save(step, state, dict(_data_position(setup, step),
-                                    skipped_steps=skipped_steps), force=True)
+                                    skipped_steps=reporter.skipped_steps),
+                  force=True)
       if stopping:
         interrupted = step < total
         break
@@ -403,10 +440,10 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str,
       'steps': step,
       'total_steps': total,
       'interrupted': interrupted,
-      'final_train_loss': final_loss,
-      'final_metrics': last_metrics,
+      'final_train_loss': reporter.final_loss,
+      'final_metrics': reporter.last_metrics,
       'resumed_from_step': resumed_from,
-      'skipped_steps': skipped_steps,
+      'skipped_steps': reporter.skipped_steps,
       'corrupt_images_skipped': input_stats.get('corrupt_images_skipped', 0),
       'knn_monitor': knn_monitor.read_history(workdir),
       'pretrain_wall_time_s': time.time() - t_start,
