@@ -31,27 +31,6 @@ from ml_collections import config_flags
 from simclr_jax import parallel
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Recipe file.',
-                                lock_config=False)
-flags.DEFINE_bool('input_only', False,
-                  'Time view generation only (both backends, 32 and 224 px).')
-flags.DEFINE_integer('steps', 10, 'Timed steps.')
-flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
-flags.DEFINE_integer('per_device_batch', 0,
-                     'Override: images per device (0 = the config batch).')
-flags.DEFINE_string('output', 'benchmark.json', 'Where to write the JSON.')
-flags.DEFINE_string('profile', '',
-                    'If set, write a jax.profiler trace of --profile_steps '
-                    'steps after the timed ones to this directory '
-                    '(TensorBoard / XProf / Perfetto).')
-flags.DEFINE_integer('profile_steps', 3, 'Steps traced by --profile.')
-flags.DEFINE_bool('torch_peer', False,
-                  'Also time a PyTorch SimCLR step of the same model, batch '
-                  'and image size (simclr_jax/torch_peer.py), when torch is '
-                  'importable, and report the jax/torch ratio.')
-flags.DEFINE_bool('torch_compile', False,
-                  'torch.compile the peer step (slow to compile on CPU).')
-
 # Dense (no sparsity) bf16 peak FLOP/s per device from the vendors' data
 # sheets, for MFU. Matched as substrings of `device_kind`, first match wins,
 # so the more specific names come first. A100 and H100/H200 are the SXM parts;
@@ -260,5 +239,34 @@ def main(argv):
     f.write(line + '\n')
 
 
+def _define_flags() -> None:
+  """Command-line flags, defined only when run as a program.
+
+  Defining them at import would clash with simclr_jax.main's flags in any
+  process that imports both (the test suite does).
+  """
+  config_flags.DEFINE_config_file('config', None, 'Recipe file.',
+                                  lock_config=False)
+  flags.DEFINE_bool('input_only', False,
+                    'Time view generation only (both backends, 32 and 224 px).')
+  flags.DEFINE_integer('steps', 10, 'Timed steps.')
+  flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
+  flags.DEFINE_integer('per_device_batch', 0,
+                       'Override: images per device (0 = the config batch).')
+  flags.DEFINE_string('output', 'benchmark.json', 'Where to write the JSON.')
+  flags.DEFINE_string('profile', '',
+                      'If set, write a jax.profiler trace of --profile_steps '
+                      'steps after the timed ones to this directory '
+                      '(TensorBoard / XProf / Perfetto).')
+  flags.DEFINE_integer('profile_steps', 3, 'Steps traced by --profile.')
+  flags.DEFINE_bool('torch_peer', False,
+                    'Also time a PyTorch SimCLR step of the same model, batch '
+                    'and image size (simclr_jax/torch_peer.py), when torch is '
+                    'importable, and report the jax/torch ratio.')
+  flags.DEFINE_bool('torch_compile', False,
+                    'torch.compile the peer step (slow to compile on CPU).')
+
+
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)
