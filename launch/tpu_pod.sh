@@ -13,10 +13,6 @@
 # where results.json, metrics and TensorBoard summaries land. WORKDIR
 # overrides it with any directory every host sees (a Filestore or gcsfuse
 # mount).
-# NOTE: as of this script, the workdir code (train.prepare_workdir,
-# metrics.jsonl, config.json, results.json, checkpointing) uses os.path and
-# open(), which treat gs://... as a local relative path: until it handles
-# gs:// paths, set WORKDIR to a shared mount.
 # REPO_DIR: where this repository is checked out and installed on every host
 # (~/simclr_jax); SETUP=1 first runs `pip install -e .` there on all hosts.
 # PYTHON: the interpreter on the hosts (python3).

@@ -17,6 +17,9 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
+
+from simclr_jax import paths
 
 
 class Checkpointer:
@@ -24,7 +27,9 @@ class Checkpointer:
 
   def __init__(self, directory: str, max_to_keep: int = 2,
                async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    # Local paths are made absolute; gs:// and other URIs are kept as they
+    # are (Orbax reads and writes them directly; abspath would mangle them).
+    self.directory = paths.abspath(directory)
     # A run killed mid-save leaves a '<step>.orbax-checkpoint-tmp' directory.
     # Orbax never lists it as a step; removing it at start keeps the
     # directory clean (a later save of the same step would replace it anyway).
@@ -85,8 +90,8 @@ def restore_raw(directory: str, step: int | None = None
   export) can read a run without rebuilding its optimiser. A partially
   written step is never visible: Orbax only lists finalised steps.
   """
-  directory = os.path.abspath(directory)
-  if not os.path.isdir(directory):
+  directory = paths.abspath(directory)
+  if not epath.Path(directory).is_dir():
     raise FileNotFoundError(f'no checkpoint directory {directory}')
   with ocp.CheckpointManager(
       directory, item_names=('state', 'data'),
@@ -116,11 +121,11 @@ def load_run(workdir: str, step: int | None = None
   arrays, the model's own variable tree, ready for `model.apply`.
   """
   config_path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(config_path):
+  if not epath.Path(config_path).exists():
     raise FileNotFoundError(
         f'{workdir} holds no config.json: is it the --workdir of a run?')
-  with open(config_path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = ml_collections.ConfigDict(
+      json.loads(epath.Path(config_path).read_text()))
   state, step = restore_raw(os.path.join(workdir, 'checkpoints'), step)
   variables = {'params': state['params'],
                'batch_stats': state.get('batch_stats', {})}

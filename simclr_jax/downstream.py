@@ -16,6 +16,7 @@ can be the teacher of a distillation. Each returns the dict main writes as
 results.json.
 """
 
+import io
 import math
 import os
 import time
@@ -26,10 +27,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 
 from simclr_jax import checkpointing
 from simclr_jax import downstream_config as dcfg
 from simclr_jax import parallel
+from simclr_jax import paths
 from simclr_jax import supervised
 from simclr_jax.data import datasets
 from simclr_jax.data import labelled
@@ -44,7 +47,7 @@ def _load_source(config: ml_collections.ConfigDict):
   if not config.init_from:
     raise ValueError('config.init_from is empty: pass '
                      '--config.init_from=WORKDIR_OF_THE_SOURCE_RUN')
-  if not os.path.isdir(config.init_from):
+  if not epath.Path(config.init_from).is_dir():
     raise FileNotFoundError(f'config.init_from={config.init_from!r} is not a '
                             'directory')
   return checkpointing.load_run(config.init_from)
@@ -367,10 +370,12 @@ def run_embed(config: ml_collections.ConfigDict, workdir: str) -> dict:
            f'{config.init_from} (step {src_step})')
   if jax.process_index() == 0:
     embedding.plot_embedding(points, labels, path, title)
-    np.savez(os.path.join(workdir, f'embedding_{e.method}.npz'),
-             points=points, labels=labels)
+    buffer = io.BytesIO()  # np.savez needs a seekable file; GCS has none.
+    np.savez(buffer, points=points, labels=labels)
+    epath.Path(workdir, f'embedding_{e.method}.npz').write_bytes(
+        buffer.getvalue())
   return {'mode': 'embed', 'init_from': config.init_from,
           'source_step': src_step, 'method': e.method,
           'num_points': int(len(labels)), 'feature_dim': int(feats.shape[1]),
-          'png': os.path.abspath(path), 'projection_wall_time_s':
+          'png': paths.abspath(path), 'projection_wall_time_s':
           time.time() - t0}

@@ -5,7 +5,11 @@ probe separates should form visible clusters. matplotlib runs on the Agg
 backend, so no display is needed (servers, CI).
 """
 
+import io
+import os
+
 import numpy as np
+from etils import epath
 
 METHODS = ('pca', 'tsne')
 
@@ -54,6 +58,9 @@ def plot_embedding(points: np.ndarray, labels: np.ndarray, path: str,
   ax.set_xticks([])
   ax.set_yticks([])
   fig.tight_layout()
-  fig.savefig(path)
+  # Through a buffer, so `path` may be remote (gs://...) too.
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format=os.path.splitext(path)[1][1:] or None)
   plt.close(fig)
+  epath.Path(path).write_bytes(buffer.getvalue())
   return path

@@ -21,6 +21,9 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
+
+from simclr_jax import paths
 
 _FILE = 'knn_monitor.jsonl'
 
@@ -34,11 +37,11 @@ def every_steps(eval_every_epochs: float, steps_per_epoch: int) -> int:
 
 def read_history(workdir: str) -> list[dict[str, Any]]:
   """All measurements so far, one per step (a re-measured step keeps the last)."""
-  path = os.path.join(workdir, _FILE)
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / _FILE
+  if not path.exists():
     return []
   by_step = {}
-  with open(path) as f:
+  with path.open() as f:
     for line in f:
       line = line.strip()
       if line:
@@ -90,7 +93,8 @@ class KnnMonitor:
     logging.info('kNN monitor at step %d (epoch %.2f): top-1 %.4f', step,
                  epoch, accuracy)
     if jax.process_index() == 0:
-      with open(os.path.join(self._workdir, _FILE), 'a') as f:
-        f.write(json.dumps({'step': step, 'epoch': epoch,
-                            'knn_accuracy': float(accuracy)}) + '\n')
+      # A remote workdir's file is rewritten whole (paths.append_text).
+      paths.append_text(os.path.join(self._workdir, _FILE),
+                        json.dumps({'step': step, 'epoch': epoch,
+                                    'knn_accuracy': float(accuracy)}) + '\n')
     return float(np.asarray(accuracy))

@@ -73,9 +73,10 @@ def _json_safe(x):
 def write_results(workdir: str, results: dict, name: str = 'results.json'
                   ) -> str:
   import jax  # pylint: disable=g-import-not-at-top
+  from etils import epath  # pylint: disable=g-import-not-at-top
   path = os.path.join(workdir, name)
   if jax.process_index() == 0:
-    with open(path, 'w') as f:
+    with epath.Path(path).open('w') as f:
       json.dump(_json_safe(results), f, indent=2, sort_keys=True)
   return path
 

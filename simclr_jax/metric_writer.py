@@ -3,6 +3,13 @@
 Only process 0 writes (multi-host runs would otherwise write N copies). The
 JSON-lines file is always written so runs without TensorFlow (the on-device
 augmentation path) still leave a machine-readable history.
+
+The workdir may be local or remote (gs://...; see `paths`). Locally
+metrics.jsonl is appended to. Object stores cannot append, so for a remote
+workdir the writer keeps the file's lines in memory (read once at start, so a
+resumed run keeps its history) and rewrites the whole object on every write;
+each write is then as durable as a local flushed append. The file stays small
+(one line per logged step), so the rewrite is cheap next to a train step.
 """
 
 import json
@@ -11,6 +18,9 @@ from typing import Mapping
 
 import jax
 from absl import logging
+from etils import epath
+
+from simclr_jax import paths
 
 
 class MetricWriter:
@@ -18,10 +28,18 @@ class MetricWriter:
   def __init__(self, workdir: str, enabled: bool | None = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self._jsonl = None
+    self._remote_lines = None  # Remote workdir: metrics.jsonl's lines.
     self._tb = None
     if not self.enabled:
       return
-    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+    jsonl = epath.Path(workdir) / 'metrics.jsonl'
+    if paths.is_local(workdir):
+      self._jsonl = jsonl.open('a')
+    else:
+      self._jsonl_path = jsonl
+      self._remote_lines = (
+          jsonl.read_text().splitlines(keepends=True) if jsonl.exists()
+          else [])
     try:
       import tensorboard  # pylint: disable=g-import-not-at-top,unused-import
       import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -36,8 +54,13 @@ class MetricWriter:
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self.enabled:
       return
-    self._jsonl.write(json.dumps({'step': step, **scalars}) + '\n')
-    self._jsonl.flush()
+    line = json.dumps({'step': step, **scalars}) + '\n'
+    if self._remote_lines is not None:
+      self._remote_lines.append(line)
+      self._jsonl_path.write_text(''.join(self._remote_lines))
+    else:
+      self._jsonl.write(line)
+      self._jsonl.flush()
     if self._tb is not None:
       with self._tb.as_default(step=step):
         for k, v in scalars.items():

@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from etils import epath
 
 from simclr_jax import checkpointing
 from simclr_jax import optim
@@ -290,8 +291,8 @@ def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
 
 def check_fresh_workdir(workdir: str) -> None:
   """Downstream runs do not resume: refuse to mix two runs' checkpoints."""
-  ckpt_dir = os.path.join(workdir, 'checkpoints')
-  if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+  ckpt_dir = epath.Path(workdir) / 'checkpoints'
+  if ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
     raise ValueError(f'{workdir} already holds a checkpoint; use a new '
                      '--workdir for each downstream run')
 
@@ -305,6 +306,6 @@ def save_run(workdir: str, config: ml_collections.ConfigDict,
   ckpt.save(step, state, {'step': step}, force=True)
   ckpt.close()
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
+    (epath.Path(workdir) / 'config.json').write_text(
+        config.to_json_best_effort(indent=2))
   return ckpt.directory

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 
 from simclr_jax import checkpointing
 from simclr_jax import config_validation
@@ -30,6 +31,7 @@ from simclr_jax import metric_writer
 from simclr_jax import models
 from simclr_jax import optim
 from simclr_jax import parallel
+from simclr_jax import paths
 from simclr_jax import train_step as train_step_lib
 from simclr_jax.config_validation import ConfigError
 
@@ -75,11 +77,10 @@ def _get(config: ml_collections.ConfigDict, dotted: str):
 def prepare_workdir(workdir: str) -> None:
   """Creates the workdir or raises a one-line ConfigError."""
   try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f'.write_test_{jax.process_index()}')
-    with open(probe, 'w') as f:
-      f.write('ok')
-    os.remove(probe)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    probe = epath.Path(workdir) / f'.write_test_{jax.process_index()}'
+    probe.write_text('ok')
+    probe.unlink()
   except OSError as e:
     raise ConfigError(f'workdir={workdir!r} cannot be written: '
                       f'{e.strerror or e}') from None
@@ -89,9 +90,8 @@ def check_resume_compatible(workdir: str, config: ml_collections.ConfigDict
                             ) -> None:
   """Stops a resume whose config would not fit the checkpointed state."""
   path = os.path.join(workdir, 'config.json')
-  if os.path.exists(path):
-    with open(path) as f:
-      saved = json.load(f)
+  if epath.Path(path).exists():
+    saved = json.loads(epath.Path(path).read_text())
     for field in _SHAPE_FIELDS + _METHOD_SHAPE_FIELDS.get(config.method, ()):
       old = saved
       for part in field.split('.'):
@@ -103,10 +103,8 @@ def check_resume_compatible(workdir: str, config: ml_collections.ConfigDict
             f'checkpointed run and is {new!r} now; use a new workdir or the '
             'old value')
   if jax.process_index() == 0:
-    tmp = f'{path}.tmp'
-    with open(tmp, 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
-    os.replace(tmp, path)  # Other processes may be reading it now.
+    # Other processes may be reading it now.
+    paths.write_text_atomic(path, config.to_json_best_effort(indent=2))
 
 
 def build(config: ml_collections.ConfigDict, mesh=None) -> Setup:
@@ -235,7 +233,7 @@ def _write_nan_diagnostic(workdir: str, seen: dict) -> tuple[str, list[str]]:
   last_step = int(seen['last_finite_step'])
   path = os.path.join(workdir, 'nan_diagnostic.json')
   if jax.process_index() == 0:
-    with open(path, 'w') as f:
+    with epath.Path(path).open('w') as f:
       json.dump({
           'step': int(seen['first_bad_step']),
           'non_finite': bad,
@@ -259,9 +257,9 @@ def _truncate_metrics_log(workdir: str, step: int) -> None:
   saw; the resumed run logs them again, and readers should see each step once.
   """
   path = os.path.join(workdir, 'metrics.jsonl')
-  if jax.process_index() != 0 or not os.path.exists(path):
+  if jax.process_index() != 0 or not epath.Path(path).exists():
     return
-  with open(path) as f:
+  with epath.Path(path).open() as f:
     lines = f.readlines()
   keep = []
   for line in lines:
@@ -271,9 +269,7 @@ def _truncate_metrics_log(workdir: str, step: int) -> None:
     except (ValueError, KeyError, TypeError):
       pass  # A line cut short by the kill.
   if len(keep) != len(lines):
-    with open(path + '.tmp', 'w') as f:
-      f.writelines(keep)
-    os.replace(path + '.tmp', path)
+    paths.write_text_atomic(path, ''.join(keep))
 
 
 class _Reporter:

@@ -27,6 +27,7 @@ import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from simclr_jax.models import classifier
 from simclr_jax.models import heads
@@ -60,7 +61,7 @@ def save(directory: str, encoder_config: Mapping[str, Any],
   (num_layers, out_dim), plus total_layers for the first layers of a longer
   head (a fine-tuning run's). Both head arguments None leave the head out.
   """
-  os.makedirs(directory, exist_ok=True)
+  epath.Path(directory).mkdir(parents=True, exist_ok=True)
   tree = {'encoder': _to_numpy(dict(encoder_variables))}
   if head_variables is not None:
     tree['projection_head'] = _to_numpy(dict(head_variables))
@@ -76,20 +77,19 @@ def save(directory: str, encoder_config: Mapping[str, Any],
   }
   model_path = os.path.join(directory, MODEL_FILE)
   variables_path = os.path.join(directory, VARIABLES_FILE)
-  with open(variables_path, 'wb') as f:
-    f.write(flax.serialization.msgpack_serialize(
-        jax.tree.map(np.asarray, tree)))
-  with open(model_path, 'w') as f:
+  epath.Path(variables_path).write_bytes(flax.serialization.msgpack_serialize(
+      jax.tree.map(np.asarray, tree)))
+  with epath.Path(model_path).open('w') as f:
     json.dump(meta, f, indent=2, sort_keys=True)
   return {'model_json': model_path, 'variables': variables_path}
 
 
 def _resolve(path: str) -> str:
   """Accepts the artifact directory, its model.json, or the export workdir."""
-  if os.path.isfile(path):
+  if epath.Path(path).is_file():
     path = os.path.dirname(path)
   for candidate in (path, os.path.join(path, 'flax')):
-    if os.path.exists(os.path.join(candidate, MODEL_FILE)):
+    if epath.Path(candidate, MODEL_FILE).exists():
       return candidate
   raise FileNotFoundError(
       f'{path} holds no {MODEL_FILE}: pass the directory written by '
@@ -99,13 +99,13 @@ def _resolve(path: str) -> str:
 def load(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
   """Returns (model.json contents, variable tree as numpy arrays)."""
   directory = _resolve(path)
-  with open(os.path.join(directory, MODEL_FILE)) as f:
+  with epath.Path(directory, MODEL_FILE).open() as f:
     meta = json.load(f)
   if meta.get('format') != FORMAT:
     raise ValueError(f'{directory} is not a {FORMAT} artifact '
                      f'(format={meta.get("format")!r})')
-  with open(os.path.join(directory, VARIABLES_FILE), 'rb') as f:
-    tree = flax.serialization.msgpack_restore(f.read())
+  tree = flax.serialization.msgpack_restore(
+      epath.Path(directory, VARIABLES_FILE).read_bytes())
   return meta, tree
 
 

@@ -21,14 +21,17 @@ counterpart: torchvision's max-pool pads (1, 1).
 from __future__ import annotations
 
 import os
+import tempfile
 from typing import Any
 
 import jax
 import ml_collections
 from absl import logging
+from etils import epath
 
 from simclr_jax import checkpointing
 from simclr_jax import config_validation
+from simclr_jax import paths as paths_lib  # `paths` is a local name below.
 from simclr_jax.export import flax_artifact
 from simclr_jax.export import torch_layout
 
@@ -47,10 +50,20 @@ def _export_options(config: ml_collections.ConfigDict) -> tuple[bool, str]:
 
 def save_safetensors(path: str, tensors: dict[str, Any],
                      metadata: dict[str, str]) -> str:
-  """Writes numpy tensors with `safetensors.numpy` (no torch needed)."""
+  """Writes numpy tensors with `safetensors.numpy` (no torch needed).
+
+  `save_file` writes local files only: a remote `path` (gs://...) is written
+  to a local temporary file first and then copied.
+  """
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  save_file(tensors, path, metadata=metadata)
-  os.chmod(path, 0o644)  # safetensors creates it owner-only; it is not secret.
+  if paths_lib.is_local(path):
+    save_file(tensors, path, metadata=metadata)
+    os.chmod(path, 0o644)  # safetensors makes it owner-only; it is not secret.
+    return path
+  with tempfile.TemporaryDirectory() as tmp:
+    local = os.path.join(tmp, os.path.basename(path))
+    save_file(tensors, local, metadata=metadata)
+    epath.Path(local).copy(path, overwrite=True)
   return path
 
 
@@ -76,11 +89,11 @@ def run_export(config: ml_collections.ConfigDict, workdir: str) -> dict:
     head_config = dict(num_layers=kept, out_dim=m.proj_out_dim)
     if kept < m.num_proj_layers:
       head_config['total_layers'] = m.num_proj_layers
-  source = dict(init_from=os.path.abspath(config.init_from), step=int(step),
+  source = dict(init_from=paths_lib.abspath(config.init_from), step=int(step),
                 method=run_config.get('method', 'simclr'))
   writer = jax.process_index() == 0
   if writer:
-    os.makedirs(workdir, exist_ok=True)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   results: dict[str, Any] = dict(init_from=source['init_from'],
                                  checkpoint_step=int(step))
 
