@@ -60,6 +60,12 @@ class LossOutput(NamedTuple):
   payload: Any = None  # Handed to `update_extra` (outside the gradient).
 
 
+def normalize(z: jax.Array) -> jax.Array:
+  """Rows scaled to unit L2 norm, in float32 (cosine similarities)."""
+  z = z.astype(jnp.float32)
+  return z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
+
+
 def pairs(t: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(2N, ...) interleaved views -> (view a (N, ...), view b (N, ...))."""
   t = t.reshape((t.shape[0] // 2, 2) + t.shape[1:])

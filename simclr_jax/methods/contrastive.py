@@ -21,11 +21,6 @@ from simclr_jax import parallel
 from simclr_jax.methods import base
 
 
-def _normalize(z: jax.Array) -> jax.Array:
-  z = z.astype(jnp.float32)
-  return z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
-
-
 class SimCLR(base.Method):
   """SimCLR (Chen et al. 2020): NT-Xent over the global batch (REFERENCE §1)."""
 
@@ -86,37 +81,43 @@ class SupCon(base.Method):
     return loss, {}
 
 
-class Triplet(base.Method):
-  """Batch-hard triplet margin loss on L2-normalised projections."""
+class _MarginMethod(base.Method):
+  """Base of the two margin losses.
 
-  name = 'triplet'
+  Both score the L2-normalised projections of both views, with instance or
+  class labels (`margin.use_labels`).
+  """
 
   @property
   def needs_labels(self) -> bool:  # type: ignore[override]
     return bool(self.config.margin.use_labels)
 
+  def margin_loss(self, embeddings: jax.Array, labels: jax.Array
+                  ) -> jax.Array:
+    raise NotImplementedError
+
   def projection_loss(self, z_a, z_b, batch):
     labels = _instance_or_class_labels(batch, self.needs_labels)
-    emb = jnp.concatenate([_normalize(z_a), _normalize(z_b)])
-    loss = losses.triplet_margin(emb, jnp.concatenate([labels, labels]),
+    emb = jnp.concatenate([base.normalize(z_a), base.normalize(z_b)])
+    return self.margin_loss(emb, jnp.concatenate([labels, labels])), {}
+
+
+class Triplet(_MarginMethod):
+  """Batch-hard triplet margin loss (Hermans et al. 2017)."""
+
+  name = 'triplet'
+
+  def margin_loss(self, embeddings, labels):
+    return losses.triplet_margin(embeddings, labels,
                                  margin=self.config.margin.margin)
-    return loss, {}
 
 
-class ContrastiveMargin(base.Method):
+class ContrastiveMargin(_MarginMethod):
   """Pairwise contrastive (margin) loss of Siamese networks (Hadsell 2006)."""
 
   name = 'contrastive_margin'
 
-  @property
-  def needs_labels(self) -> bool:  # type: ignore[override]
-    return bool(self.config.margin.use_labels)
-
-  def projection_loss(self, z_a, z_b, batch):
-    labels = _instance_or_class_labels(batch, self.needs_labels)
-    emb = jnp.concatenate([_normalize(z_a), _normalize(z_b)])
-    loss = losses.contrastive_margin(
-        emb, jnp.concatenate([labels, labels]),
-        margin=self.config.margin.margin,
+  def margin_loss(self, embeddings, labels):
+    return losses.contrastive_margin(
+        embeddings, labels, margin=self.config.margin.margin,
         batch_hard=self.config.margin.batch_hard)
-    return loss, {}

@@ -21,11 +21,6 @@ from simclr_jax import losses
 from simclr_jax.methods import base
 
 
-def _normalize(z: jax.Array) -> jax.Array:
-  z = z.astype(jnp.float32)
-  return z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
-
-
 class InstDisc(base.Method):
   """Non-parametric softmax over a memory bank of all training images."""
 
@@ -36,12 +31,12 @@ class InstDisc(base.Method):
     del params, batch_stats
     dim = self.config.model.proj_out_dim
     bank = jax.random.normal(rng, (self.num_train_examples, dim), jnp.float32)
-    return {'memory_bank': _normalize(bank)}
+    return {'memory_bank': base.normalize(bank)}
 
   def loss(self, model, params, batch_stats, extra, batch):
     s = self.config.instdisc
     out, new_stats = self.forward(model, params, batch_stats, batch.x)
-    f_a, f_b = base.pairs(_normalize(out['projection']))
+    f_a, f_b = base.pairs(base.normalize(out['projection']))
     bank = jax.lax.stop_gradient(extra['memory_bank'])
     positives = bank[batch.index]
     neg_index = jax.random.randint(batch.rng, (s.num_negatives,), 0,
@@ -51,7 +46,7 @@ class InstDisc(base.Method):
     loss = 0.5 * (losses.instdisc_softmax(f_a, negatives, positives, t) +
                   losses.instdisc_softmax(f_b, negatives, positives, t))
     total, metrics = self.add_linear_head(loss, {}, out, batch)
-    features = jax.lax.stop_gradient(_normalize(f_a + f_b))
+    features = jax.lax.stop_gradient(base.normalize(f_a + f_b))
     return total, base.LossOutput(metrics, new_stats,
                                   payload={'features': features,
                                            'index': batch.index})

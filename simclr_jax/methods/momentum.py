@@ -27,11 +27,6 @@ from simclr_jax.methods import base
 _TARGET_PARTS = ('encoder', 'projection_head')
 
 
-def _normalize(z: jax.Array) -> jax.Array:
-  z = z.astype(jnp.float32)
-  return z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
-
-
 def cosine_momentum(base_momentum: float, step: jax.Array,
                     total_steps: int) -> jax.Array:
   """BYOL's schedule: tau = 1 - (1 - tau_base) (cos(pi k / K) + 1) / 2."""
@@ -109,15 +104,15 @@ class MoCoV2(_MomentumMethod):
     extra = super().init_extra(params, batch_stats, rng)
     size, dim = self.settings.queue_size, self.config.model.proj_out_dim
     queue = jax.random.normal(rng, (size, dim), jnp.float32)
-    extra['queue'] = _normalize(queue)
+    extra['queue'] = base.normalize(queue)
     extra['queue_ptr'] = jnp.zeros((), jnp.int32)
     return extra
 
   def loss(self, model, params, batch_stats, extra, batch):
     out, new_stats = self.forward(model, params, batch_stats, batch.x)
-    q_a, q_b = base.pairs(_normalize(out['projection']))
+    q_a, q_b = base.pairs(base.normalize(out['projection']))
     k, target_stats = self.target_projections(model, extra, batch.x)
-    k = _normalize(k)
+    k = base.normalize(k)
     k_a, k_b = base.pairs(k)
     queue = jax.lax.stop_gradient(extra['queue'])
     t = self.config.loss.temperature
