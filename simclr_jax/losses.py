@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from simclr_jax import family_losses
 from simclr_jax import metric_losses
@@ -33,6 +34,23 @@ memory_bank_update = family_losses.memory_bank_update
 hard_negative_nt_xent = family_losses.hard_negative_nt_xent
 triplet_margin = metric_losses.triplet_margin
 contrastive_margin = metric_losses.contrastive_margin
+
+def masked_cross_entropy(logits: jax.Array, labels: jax.Array
+                         ) -> tuple[jax.Array, jax.Array]:
+  """Mean softmax cross-entropy and accuracy over examples with labels >= 0.
+
+  Labels < 0 mark unlabelled examples (STL-10 'unlabelled', distillation's
+  unlabelled data); they count in neither number. With no labelled example
+  both are 0. Used by the online linear head and the supervised modes.
+  """
+  valid = (labels >= 0).astype(jnp.float32)
+  safe = jnp.maximum(labels, 0)
+  nll = optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), safe)
+  count = jnp.maximum(jnp.sum(valid), 1.0)
+  accuracy = jnp.sum((jnp.argmax(logits, -1) == safe) * valid) / count
+  return jnp.sum(nll * valid) / count, accuracy
+
 
 # The reference masks self-similarity by subtracting a large constant.
 _LARGE_NUM = 1e9

@@ -13,6 +13,7 @@ each write is then as durable as a local flushed append. The file stays small
 """
 
 import json
+import math
 import os
 from typing import Mapping
 
@@ -21,6 +22,14 @@ from absl import logging
 from etils import epath
 
 from simclr_jax import paths
+
+
+def format_eta(seconds: float) -> str:
+  """H:MM:SS for the log's ETA; '?' before the rate is known."""
+  if not math.isfinite(seconds):
+    return '?'
+  seconds = int(seconds)
+  return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
 
 
 class MetricWriter:

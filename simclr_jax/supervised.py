@@ -29,6 +29,8 @@ from absl import logging
 from etils import epath
 
 from simclr_jax import checkpointing
+from simclr_jax import losses
+from simclr_jax import metric_writer
 from simclr_jax import optim
 from simclr_jax import parallel
 from simclr_jax.evaluation import features as features_lib
@@ -42,20 +44,8 @@ LossFn = Callable[[jax.Array, jax.Array, jax.Array | None],
                   tuple[jax.Array, dict]]
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array
-                  ) -> tuple[jax.Array, jax.Array]:
-  """Mean softmax cross-entropy and accuracy over examples with labels >= 0.
-
-  Labels < 0 mark unlabelled examples (distillation's unlabelled data); they
-  count in neither number. With no labelled example both are 0.
-  """
-  valid = (labels >= 0).astype(jnp.float32)
-  safe = jnp.maximum(labels, 0)
-  nll = optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), safe)
-  count = jnp.maximum(jnp.sum(valid), 1.0)
-  accuracy = jnp.sum((jnp.argmax(logits, -1) == safe) * valid) / count
-  return jnp.sum(nll * valid) / count, accuracy
+# Labels < 0 (distillation's unlabelled data) count in neither number.
+cross_entropy = losses.masked_cross_entropy
 
 
 def distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array,
@@ -221,13 +211,6 @@ def make_train_step(model: Any, tx: optax.GradientTransformation,
                  out_shardings=(rep, rep), donate_argnums=(0,))
 
 
-def _fmt_eta(seconds: float) -> str:
-  if not math.isfinite(seconds):
-    return '?'
-  seconds = int(seconds)
-  return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
-
-
 @dataclasses.dataclass
 class FitResult:
   state: TrainState
@@ -261,7 +244,7 @@ def fit(step_fn: Callable, state: TrainState, batches: Iterator[dict], *,
       logging.info('%s step %d/%d  epoch %.1f  loss %.4f  acc %.3f  lr %.4g  '
                    'ETA %s', name, step, total_steps, step / steps_per_epoch,
                    last['loss'], last['accuracy'], last['learning_rate'],
-                   _fmt_eta(eta))
+                   metric_writer.format_eta(eta))
       if not math.isfinite(last['loss']):
         raise ValueError(f'{name}: non-finite loss at step {step}; lower the '
                          'learning rate')

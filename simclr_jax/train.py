@@ -141,11 +141,9 @@ def make_step(setup: Setup):
       setup.model, setup.tx, setup.schedule, setup.mesh,
       method=setup.method, views_fn=views_fn,
       skip_nonfinite=c.on_nan == 'skip_step',
-      inject_nan_at_step=(c.debug.inject_nan_at_step if 'debug' in c
-                          else -1),
+      inject_nan_at_step=c.debug.inject_nan_at_step,
       compute_dtype=jnp.dtype(c.model.compute_dtype),
-      grad_cache_chunks=c.get('grad_cache_chunks', 0),
-      grad_cache_bn=c.get('grad_cache_bn', 'per_chunk'))
+      grad_cache_chunks=c.grad_cache_chunks, grad_cache_bn=c.grad_cache_bn)
 
 
 def initial_state(setup: Setup) -> train_step_lib.TrainState:
@@ -322,7 +320,8 @@ class _Reporter:
     logging.info(
         'step %d/%d  loss %.4f  acc %.3f  lr %.4g  %.1f img/s  ETA %s',
         step, total, scalars['loss'], scalars.get('contrastive_acc', 0.0),
-        scalars['learning_rate'], scalars['examples_per_sec'], _fmt_eta(eta))
+        scalars['learning_rate'], scalars['examples_per_sec'],
+        metric_writer.format_eta(eta))
     self._writer.write(step, scalars)
 
 
@@ -445,13 +444,6 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str,
       'pretrain_wall_time_s': time.time() - t_start,
       'state': state,
   }
-
-
-def _fmt_eta(seconds: float) -> str:
-  if not math.isfinite(seconds):
-    return '?'
-  seconds = int(seconds)
-  return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
 
 
 def encoder_variables(state: train_step_lib.TrainState) -> dict:

@@ -27,7 +27,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
+
+from simclr_jax import losses
 
 Metrics = dict[str, jax.Array]
 
@@ -72,21 +73,8 @@ def pairs(t: jax.Array) -> tuple[jax.Array, jax.Array]:
   return t[:, 0], t[:, 1]
 
 
-def linear_head_loss(logits: jax.Array, labels: jax.Array
-                     ) -> tuple[jax.Array, jax.Array]:
-  """Cross-entropy and accuracy of the online linear head.
-
-  Labels < 0 mark unlabelled examples (e.g. STL-10 'unlabelled'); they are
-  left out of both numbers.
-  """
-  valid = (labels >= 0).astype(jnp.float32)
-  safe = jnp.maximum(labels, 0)
-  nll = optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), safe)
-  count = jnp.maximum(jnp.sum(valid), 1.0)
-  loss = jnp.sum(nll * valid) / count
-  acc = jnp.sum((jnp.argmax(logits, -1) == safe) * valid) / count
-  return loss, acc
+# Online linear head: cross-entropy and accuracy, unlabelled rows left out.
+linear_head_loss = losses.masked_cross_entropy
 
 
 class Method:
