@@ -7,7 +7,7 @@ Batch 512, 1000 epochs, LARS lr 1.0 x B/256, T 0.5, colour strength 0.5, no
 blur, CIFAR stem (REFERENCE §3, §4).
 """
 
-from simclr_jax import defaults
+from simclr_jax.config import defaults
 
 
 def get_config():

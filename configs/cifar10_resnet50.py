@@ -8,7 +8,7 @@ The ResNet-18 recipe with a ResNet-50, batch 1024 and bfloat16 compute.
 
 import os
 
-from simclr_jax import defaults
+from simclr_jax.config import defaults
 
 
 def get_config():

@@ -6,7 +6,7 @@ A thin ResNet-18 (CIFAR stem) on 32x32 upsampled digits; finishes on 2 CPU cores
 within minutes, then probes frozen features against the same net at random init.
 """
 
-from simclr_jax import defaults
+from simclr_jax.config import defaults
 
 
 def get_config():

@@ -8,7 +8,7 @@ T 0.1, LARS with sqrt scaling (0.075 x sqrt(B)), wd 1e-6, 10 warmup epochs,
 colour strength 1.0, blur on, bfloat16 compute (REFERENCE §3, §4).
 """
 
-from simclr_jax import defaults
+from simclr_jax.config import defaults
 
 
 def get_config():

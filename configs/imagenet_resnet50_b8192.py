@@ -10,7 +10,7 @@ The batch-4096 recipe at twice the batch; sqrt scaling gives peak LR
 
 import os
 
-from simclr_jax import defaults
+from simclr_jax.config import defaults
 
 
 def get_config():

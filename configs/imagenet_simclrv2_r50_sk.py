@@ -19,7 +19,7 @@ layer 1, warmup over 5% of training, weight decay 1e-4, 800 epochs.
 
 import os
 
-from simclr_jax import defaults
+from simclr_jax.config import defaults
 
 
 def get_config():

@@ -49,7 +49,7 @@ def _fail(message: str, code: int = 2) -> None:
 
 def _initialize_distributed() -> None:
   """Joins a multi-process job (if the flags ask) before any device use."""
-  from simclr_jax import distributed  # pylint: disable=g-import-not-at-top
+  from simclr_jax.runtime import distributed  # pylint: disable=g-import-not-at-top
   try:
     distributed.initialize(
         FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
@@ -83,7 +83,7 @@ def write_results(workdir: str, results: dict, name: str = 'results.json'
 
 def run_pretrain(config, workdir: str) -> dict:
   """Pretrains (or resumes), then evaluates; returns what results.json holds."""
-  from simclr_jax import train  # pylint: disable=g-import-not-at-top
+  from simclr_jax.training import pretrain as train  # pylint: disable=g-import-not-at-top
   try:
     setup = train.build(config)
     train.prepare_workdir(workdir)
@@ -114,13 +114,13 @@ def _downstream_runner(mode: str):
   if mode == 'export':
     from simclr_jax import export
     return export.run_export
-  from simclr_jax import downstream
+  from simclr_jax.downstream.modes import modes as downstream
   return getattr(downstream, f'run_{mode}')
 
 
 def run_downstream(mode: str, config, workdir: str) -> dict:
   """Runs a mode that starts from another run's checkpoint."""
-  from simclr_jax import train  # pylint: disable=g-import-not-at-top
+  from simclr_jax.training import pretrain as train  # pylint: disable=g-import-not-at-top
   runner = _downstream_runner(mode)
   try:
     train.prepare_workdir(workdir)
@@ -148,7 +148,7 @@ def main(argv):
 
 
 def run():
-  from simclr_jax import config_validation  # pylint: disable=g-import-not-at-top
+  from simclr_jax.config import validation as config_validation  # pylint: disable=g-import-not-at-top
   app.run(main, flags_parser=config_validation.parse_flags)
 
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from simclr_jax import benchmark
+from simclr_jax.tools import benchmark
 from simclr_jax import losses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -85,7 +85,7 @@ def test_peak_flops_table():
 
 def test_torch_peer_loss_is_the_same_nt_xent():
   torch = pytest.importorskip('torch')
-  from simclr_jax import torch_peer  # pylint: disable=g-import-not-at-top
+  from simclr_jax.tools import torch_peer  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   a, b = (rng.normal(size=(6, 4)).astype(np.float32) for _ in range(2))
   want = losses.nt_xent(jnp.asarray(a), jnp.asarray(b), temperature=0.3)

@@ -11,9 +11,9 @@ import sys
 
 import pytest
 
-from simclr_jax import config_validation
-from simclr_jax import defaults
-from simclr_jax.config_validation import ConfigError
+from simclr_jax.config import validation as config_validation
+from simclr_jax.config import defaults
+from simclr_jax.config.validation import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -6,10 +6,10 @@ import os
 import jax
 import pytest
 
-from simclr_jax import config_validation
-from simclr_jax import defaults
+from simclr_jax.config import validation as config_validation
+from simclr_jax.config import defaults
 from simclr_jax import models
-from simclr_jax import optim
+from simclr_jax.runtime import optim
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = sorted(glob.glob(os.path.join(ROOT, 'configs', '*.py')))

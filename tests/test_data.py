@@ -15,7 +15,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from simclr_jax import defaults
+from simclr_jax.config import defaults
 from simclr_jax.data import datasets
 from simclr_jax.data import digits
 from simclr_jax.data import pipeline
@@ -425,7 +425,7 @@ def test_digits_jax_path_without_tensorflow():
   code = textwrap.dedent("""
       import sys
       sys.modules['tensorflow'] = None  # `import tensorflow` now fails.
-      from simclr_jax import defaults
+      from simclr_jax.config import defaults
       from simclr_jax.data import datasets, pipeline
       c = defaults.base_config()
       c.augment.backend = 'jax'

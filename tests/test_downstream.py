@@ -13,13 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from simclr_jax import checkpointing
-from simclr_jax import defaults
-from simclr_jax import downstream
+from simclr_jax.runtime import checkpointing
+from simclr_jax.config import defaults
+from simclr_jax.downstream.modes import modes as downstream
 from simclr_jax import main
-from simclr_jax import supervised
-from simclr_jax import train
-from simclr_jax.config_validation import ConfigError
+from simclr_jax.training import supervised
+from simclr_jax.training import pretrain as train
+from simclr_jax.config.validation import ConfigError
 from simclr_jax.data import digits
 from simclr_jax.data import labelled
 from simclr_jax.models import classifier

@@ -14,7 +14,7 @@ from sklearn import linear_model
 from sklearn import preprocessing
 
 from simclr_jax import evaluation
-from simclr_jax import parallel
+from simclr_jax.runtime import parallel
 from simclr_jax.evaluation import probe
 
 # ---------------------------------------------------------------- kNN ----

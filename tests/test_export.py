@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from simclr_jax import checkpointing
-from simclr_jax import defaults
+from simclr_jax.runtime import checkpointing
+from simclr_jax.config import defaults
 from simclr_jax import export
 from simclr_jax import models
 from simclr_jax.export import run as export_run

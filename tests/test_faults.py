@@ -24,7 +24,7 @@ import time
 import numpy as np
 import pytest
 
-from simclr_jax import checkpointing
+from simclr_jax.runtime import checkpointing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL = 6
@@ -404,7 +404,7 @@ def test_corrupt_image_skip_keeps_the_stream_resumable(corrupt_data_dir):
   Corrupt images are dropped before positions in the epoch are counted, so
   batch k read from the start equals batch k of a stream started at k.
   """
-  from simclr_jax import defaults  # pylint: disable=g-import-not-at-top
+  from simclr_jax.config import defaults  # pylint: disable=g-import-not-at-top
   from simclr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   c = defaults.base_config()
   c.dataset.name = 'cifar10'

@@ -14,14 +14,14 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from simclr_jax import config_validation
-from simclr_jax import defaults
-from simclr_jax import grad_cache
+from simclr_jax.config import validation as config_validation
+from simclr_jax.config import defaults
+from simclr_jax.training import grad_cache
 from simclr_jax import losses
 from simclr_jax import methods
-from simclr_jax import optim
-from simclr_jax import parallel
-from simclr_jax import train_step as ts
+from simclr_jax.runtime import optim
+from simclr_jax.runtime import parallel
+from simclr_jax.training import pretrain_step as ts
 
 TEMPERATURE = 0.2
 NUM_CLASSES = 5

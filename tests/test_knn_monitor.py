@@ -6,9 +6,9 @@ import os
 import jax
 import numpy as np
 
-from simclr_jax import defaults
-from simclr_jax import knn_monitor
-from simclr_jax import train
+from simclr_jax.config import defaults
+from simclr_jax.evaluation import knn_monitor
+from simclr_jax.training import pretrain as train
 from simclr_jax.data import pipeline
 
 

@@ -9,7 +9,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from simclr_jax import losses
-from simclr_jax import parallel
+from simclr_jax.runtime import parallel
 
 
 def numpy_nt_xent(za, zb, temperature):

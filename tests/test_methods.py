@@ -13,10 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from simclr_jax import defaults
+from simclr_jax.config import defaults
 from simclr_jax import losses
 from simclr_jax import methods
-from simclr_jax import train
+from simclr_jax.training import pretrain as train
 
 N = 16  # images per step: 2 per device on the 8 virtual devices.
 SIZE = 8
@@ -63,7 +63,7 @@ def _one_step(method_name: str, **overrides):
   state0 = jax.device_get(train.initial_state(setup))
   step_fn = train.make_step(setup)
   batch = _batch()
-  from simclr_jax import parallel  # pylint: disable=g-import-not-at-top
+  from simclr_jax.runtime import parallel  # pylint: disable=g-import-not-at-top
   batch_on_mesh = parallel.to_global(batch, setup.mesh)
   rng = jax.random.key(3)
   state1, metrics = step_fn(train.initial_state(setup), batch_on_mesh, rng)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from simclr_jax import defaults
+from simclr_jax.config import defaults
 from simclr_jax import models
 from simclr_jax.models import resnet
 

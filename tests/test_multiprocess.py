@@ -19,8 +19,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from simclr_jax import checkpointing
-from simclr_jax import distributed
+from simclr_jax.runtime import checkpointing
+from simclr_jax.runtime import distributed
 from simclr_jax.data import pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -6,8 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from simclr_jax import defaults
-from simclr_jax import optim
+from simclr_jax.config import defaults
+from simclr_jax.runtime import optim
 
 
 def numpy_lars_step(params, grads, velocity, lr, wd, eeta, momentum, adapt):

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from simclr_jax import defaults
-from simclr_jax import train
+from simclr_jax.config import defaults
+from simclr_jax.training import pretrain as train
 
 
 @pytest.mark.parametrize('backend', ['tf', 'jax'])

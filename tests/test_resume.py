@@ -6,8 +6,8 @@ import os
 import jax
 import numpy as np
 
-from simclr_jax import defaults
-from simclr_jax import train
+from simclr_jax.config import defaults
+from simclr_jax.training import pretrain as train
 
 
 def _config():

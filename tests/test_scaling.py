@@ -10,8 +10,8 @@ from jax.sharding import PartitionSpec as P
 import pytest
 
 from simclr_jax import losses
-from simclr_jax import parallel
-from simclr_jax import scaling
+from simclr_jax.runtime import parallel
+from simclr_jax.tools import scaling
 
 
 def test_hand_derived_float32_case():

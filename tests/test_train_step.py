@@ -3,11 +3,11 @@
 import jax
 import numpy as np
 
-from simclr_jax import defaults
+from simclr_jax.config import defaults
 from simclr_jax import models
-from simclr_jax import optim
-from simclr_jax import parallel
-from simclr_jax import train_step as ts
+from simclr_jax.runtime import optim
+from simclr_jax.runtime import parallel
+from simclr_jax.training import pretrain_step as ts
 
 
 def _tiny_config():

@@ -20,16 +20,16 @@ from etils import epath
 from etils.epath import backend as epath_backend
 from etils.epath import gpath
 
-from simclr_jax import checkpointing
-from simclr_jax import defaults
-from simclr_jax import embedding
-from simclr_jax import knn_monitor
+from simclr_jax.runtime import checkpointing
+from simclr_jax.config import defaults
+from simclr_jax.evaluation import embedding
+from simclr_jax.evaluation import knn_monitor
 from simclr_jax import main
-from simclr_jax import metric_writer
-from simclr_jax import paths
-from simclr_jax import supervised
-from simclr_jax import train
-from simclr_jax.config_validation import ConfigError
+from simclr_jax.runtime import metric_writer
+from simclr_jax.runtime import paths
+from simclr_jax.training import supervised
+from simclr_jax.training import pretrain as train
+from simclr_jax.config.validation import ConfigError
 from simclr_jax.export import flax_artifact
 from simclr_jax.export import run as export_run
 

@@ -12,7 +12,7 @@ SimCLR recipe of the dataset, so methods compare at equal budget.
 
 import os
 
-from simclr_jax import defaults
+from simclr_jax.config import defaults
 
 
 def get_config(dataset: str = 'digits'):

@@ -28,7 +28,7 @@ import numpy as np
 
 from simclr_jax.data import datasets
 from simclr_jax.data import pipeline
-from simclr_jax.evaluation import probe
+from simclr_jax.data import sampling
 
 Batch = dict[str, np.ndarray]
 
@@ -54,7 +54,7 @@ def label_subset(labels: np.ndarray, fraction: float, seed: int
   """
   if fraction == 1.0:
     return np.arange(len(labels), dtype=np.int64)
-  return probe.stratified_fraction(labels, fraction, seed)
+  return sampling.stratified_fraction(labels, fraction, seed)
 
 
 def imagenet_source(name: str, fraction: float) -> str:

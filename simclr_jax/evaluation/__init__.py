@@ -12,13 +12,13 @@ from typing import Sequence
 
 import numpy as np
 
+from simclr_jax.data.sampling import fewshot_indices
+from simclr_jax.data.sampling import stratified_fraction
 from simclr_jax.evaluation.features import extract_features
 from simclr_jax.evaluation.knn import knn_accuracy
 from simclr_jax.evaluation.knn import knn_predict
-from simclr_jax.evaluation.probe import fewshot_indices
 from simclr_jax.evaluation.probe import fewshot_probe_accuracy
 from simclr_jax.evaluation.probe import linear_probe_accuracy
-from simclr_jax.evaluation.probe import stratified_fraction
 
 __all__ = [
     'evaluate_features',

@@ -14,7 +14,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
-from simclr_jax.parallel import DATA_AXIS
+from simclr_jax.runtime.parallel import DATA_AXIS
 
 
 def _is_jitted(fn: Callable[..., Any]) -> bool:

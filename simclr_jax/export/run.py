@@ -29,9 +29,9 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from simclr_jax import checkpointing
-from simclr_jax import config_validation
-from simclr_jax import paths as paths_lib  # `paths` is a local name below.
+from simclr_jax.runtime import checkpointing
+from simclr_jax.config import validation as config_validation
+from simclr_jax.runtime import paths as paths_lib  # `paths` is a local name below.
 from simclr_jax.export import flax_artifact
 from simclr_jax.export import torch_layout
 

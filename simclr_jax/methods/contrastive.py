@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from simclr_jax import losses
-from simclr_jax import parallel
+from simclr_jax.runtime import parallel
 from simclr_jax.methods import base
 
 

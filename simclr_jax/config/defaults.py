@@ -87,7 +87,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.warmup_epochs = 10.0
 
   c.batch_size = 512  # Global batch (images; each gives two views).
-  # Gradient caching (simclr_jax/grad_cache.py): > 0 computes each step's
+  # Gradient caching (simclr_jax/training/grad_cache.py): > 0 computes each step's
   # gradient in this many chunks, for global batches larger than memory;
   # BN statistics are then per chunk ('per_chunk') or the running ones
   # ('frozen', exact full-batch gradient, no statistic updates).
@@ -117,7 +117,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.fewshot_draws = 10
   c.eval.probe_random_init = True  # Also probe the same architecture at random init.
 
-  # Downstream modes (simclr_jax/downstream.py; REFERENCE §5). Every section
+  # Downstream modes (simclr_jax/downstream/modes.py; REFERENCE §5). Every section
   # trains with momentum SGD, peak LR = learning_rate * B/256 ('linear') or
   # * sqrt(B) ('sqrt'), no warmup, cosine decay; wd on kernels only.
   # linear_eval: frozen encoder (BN in inference mode), linear classifier on h.

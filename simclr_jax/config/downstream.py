@@ -11,9 +11,9 @@ import math
 
 import ml_collections
 
-from simclr_jax.config_validation import ConfigError
+from simclr_jax.config.validation import ConfigError
 from simclr_jax.models import classifier
-from simclr_jax.optim import LR_SCALINGS
+from simclr_jax.runtime.optim import LR_SCALINGS
 
 EMBED_METHODS = ('pca', 'tsne')
 # fine_tune_after_block: -1 everything, 0 stem, 1..4 stages (see supervised).

@@ -29,11 +29,11 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from simclr_jax import checkpointing
-from simclr_jax import downstream_config as dcfg
-from simclr_jax import parallel
-from simclr_jax import paths
-from simclr_jax import supervised
+from simclr_jax.runtime import checkpointing
+from simclr_jax.config import downstream as dcfg
+from simclr_jax.runtime import parallel
+from simclr_jax.runtime import paths
+from simclr_jax.training import supervised
 from simclr_jax.data import datasets
 from simclr_jax.data import labelled
 from simclr_jax.data import pipeline
@@ -339,7 +339,7 @@ def run_distill(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def run_embed(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """2-D PCA / t-SNE of the test-split encoder features, as a PNG."""
-  from simclr_jax import embedding  # pylint: disable=g-import-not-at-top
+  from simclr_jax.evaluation import embedding  # pylint: disable=g-import-not-at-top
   dcfg.check_embed(config)
   e = config.embed
   src_config, src_vars, src_step = _load_source(config)

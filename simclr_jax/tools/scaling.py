@@ -24,7 +24,7 @@ The implementation casts projections to float32 before the loss whatever
 model.compute_dtype is, so `dtype='float32'` is what a run actually moves;
 the argument exists to ask what bfloat16 would save.
 
-  python -m simclr_jax.scaling    # prints the markdown table of docs/scaling.md
+  python -m simclr_jax.tools.scaling    # prints the markdown table of docs/scaling.md
 """
 
 import dataclasses

@@ -18,9 +18,9 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from simclr_jax import grad_cache
+from simclr_jax.training import grad_cache
 from simclr_jax import methods
-from simclr_jax import parallel
+from simclr_jax.runtime import parallel
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -125,7 +125,7 @@ def make_train_step(model: nn.Module,
       state for this step (config on_nan='skip_step') and count it.
     compute_dtype: dtype the views are cast to before the encoder.
     grad_cache_chunks: > 0 computes the gradient by gradient caching in this
-      many chunks (simclr_jax/grad_cache.py): same loss, activation memory of
+      many chunks (simclr_jax/training/grad_cache.py): same loss, activation memory of
       one chunk, one extra forward pass. Needs a method whose loss depends on
       the projections alone (`method.supports_grad_cache`).
     grad_cache_bn: BN under gradient caching, 'per_chunk' or 'frozen'.

@@ -66,7 +66,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from simclr_jax import parallel
+from simclr_jax.runtime import parallel
 
 BN_MODES = ('per_chunk', 'frozen')
 

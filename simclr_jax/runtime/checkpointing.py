@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from simclr_jax import paths
+from simclr_jax.runtime import paths
 
 
 class Checkpointer:

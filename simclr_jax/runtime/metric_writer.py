@@ -21,7 +21,7 @@ import jax
 from absl import logging
 from etils import epath
 
-from simclr_jax import paths
+from simclr_jax.runtime import paths
 
 
 def format_eta(seconds: float) -> str:

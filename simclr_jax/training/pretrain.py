@@ -23,17 +23,17 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from simclr_jax import checkpointing
-from simclr_jax import config_validation
-from simclr_jax import knn_monitor
+from simclr_jax.runtime import checkpointing
+from simclr_jax.config import validation as config_validation
+from simclr_jax.evaluation import knn_monitor
 from simclr_jax import methods
-from simclr_jax import metric_writer
+from simclr_jax.runtime import metric_writer
 from simclr_jax import models
-from simclr_jax import optim
-from simclr_jax import parallel
-from simclr_jax import paths
-from simclr_jax import train_step as train_step_lib
-from simclr_jax.config_validation import ConfigError
+from simclr_jax.runtime import optim
+from simclr_jax.runtime import parallel
+from simclr_jax.runtime import paths
+from simclr_jax.training import pretrain_step as train_step_lib
+from simclr_jax.config.validation import ConfigError
 
 # Config fields that fix the shapes of the checkpointed state; resuming with
 # any of them changed cannot work.

@@ -7,9 +7,9 @@ against keys all-gathered from every device; the train step calls it inside
 (2N x 2N). Both follow the paper's normalisation, L = 1/(2N) sum over all 2N
 anchors (the reference TF code returns twice this).
 
-The rest of the family (REFERENCE §6) lives in `family_losses` (softmax and
-regression losses) and `metric_losses` (Euclidean margin losses) and is
-re-exported here, so `losses.<name>` is the one public access path.
+The rest of the family lives in `losses.family` (softmax and regression
+losses) and `losses.metric` (Euclidean margin losses); the package re-exports
+all of them, so `losses.<name>` is the one public access path.
 """
 
 from typing import NamedTuple
@@ -18,22 +18,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from simclr_jax import family_losses
-from simclr_jax import metric_losses
+from simclr_jax.losses.normalize import l2_normalize
 
-# Public names of the contrastive family (see family_losses for each paper).
-supcon = family_losses.supcon
-moco_infonce = family_losses.moco_infonce
-moco_v3 = family_losses.moco_v3
-byol = family_losses.byol
-sinkhorn = family_losses.sinkhorn
-swav = family_losses.swav
-instdisc_softmax = family_losses.instdisc_softmax
-instdisc_nce = family_losses.instdisc_nce
-memory_bank_update = family_losses.memory_bank_update
-hard_negative_nt_xent = family_losses.hard_negative_nt_xent
-triplet_margin = metric_losses.triplet_margin
-contrastive_margin = metric_losses.contrastive_margin
 
 def masked_cross_entropy(logits: jax.Array, labels: jax.Array
                          ) -> tuple[jax.Array, jax.Array]:
@@ -66,12 +52,6 @@ class ContrastiveStats(NamedTuple):
   correct_sum: jax.Array  # Anchors whose argmax logit is the positive.
   entropy_sum: jax.Array  # Sum of entropies of the contrastive distributions.
   num_anchors: jax.Array
-
-
-def _l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  # Matches tf.math.l2_normalize: x / sqrt(max(sum x^2, eps)).
-  sq = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
-  return x * jax.lax.rsqrt(jnp.maximum(sq, eps))
 
 
 def _anchor_stats(logits: jax.Array, labels: jax.Array) -> ContrastiveStats:
@@ -129,7 +109,7 @@ def nt_xent_with_stats(z_a: jax.Array,
   z_a = z_a.astype(jnp.float32)
   z_b = z_b.astype(jnp.float32)
   if normalize:
-    z_a, z_b = _l2_normalize(z_a), _l2_normalize(z_b)
+    z_a, z_b = l2_normalize(z_a), l2_normalize(z_b)
   stats = nt_xent_local(z_a, z_b, z_a, z_b, 0, temperature)
   return finalize(stats)
 
@@ -181,7 +161,7 @@ def sharded_nt_xent(z_a: jax.Array,
   z_a = z_a.astype(jnp.float32)
   z_b = z_b.astype(jnp.float32)
   if normalize:
-    z_a, z_b = _l2_normalize(z_a), _l2_normalize(z_b)
+    z_a, z_b = l2_normalize(z_a), l2_normalize(z_b)
   all_a = jax.lax.all_gather(z_a, axis_name, tiled=True)
   all_b = jax.lax.all_gather(z_b, axis_name, tiled=True)
   offset = jax.lax.axis_index(axis_name) * z_a.shape[0]

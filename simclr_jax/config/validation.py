@@ -10,7 +10,7 @@ import sys
 import ml_collections
 
 from simclr_jax.models.resnet import STAGE_SIZES
-from simclr_jax.optim import LR_SCALINGS, OPTIMIZERS
+from simclr_jax.runtime.optim import LR_SCALINGS, OPTIMIZERS
 
 DEPTHS = tuple(sorted(STAGE_SIZES))
 BACKENDS = ('tf', 'jax')

@@ -28,13 +28,13 @@ import optax
 from absl import logging
 from etils import epath
 
-from simclr_jax import checkpointing
+from simclr_jax.runtime import checkpointing
 from simclr_jax import losses
-from simclr_jax import metric_writer
-from simclr_jax import optim
-from simclr_jax import parallel
+from simclr_jax.runtime import metric_writer
+from simclr_jax.runtime import optim
+from simclr_jax.runtime import parallel
 from simclr_jax.evaluation import features as features_lib
-from simclr_jax.train_step import TrainState
+from simclr_jax.training.pretrain_step import TrainState
 
 # Encoder submodules before stage 1, "block 0" of fine_tune_after_block.
 _STEM_MODULES = ('conv_init', 'bn_init', 'conv_stem1', 'bn_stem1',

@@ -23,7 +23,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from simclr_jax import paths
+from simclr_jax.runtime import paths
 
 _FILE = 'knn_monitor.jsonl'
 

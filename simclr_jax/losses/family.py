@@ -2,7 +2,7 @@
 
 SupCon, MoCo v2/v3, BYOL, SwAV (with Sinkhorn-Knopp), InstDisc (memory bank)
 and hard-negative NT-Xent (HCL); the Euclidean margin losses of metric
-learning are in `metric_losses`. Every function is pure jax.numpy, jittable,
+learning are in `losses.metric`. Every function is pure jax.numpy, jittable,
 and casts its inputs to float32 (so bfloat16 activations are accepted and the
 softmaxes run in float32); the losses return a float32 scalar, `sinkhorn` the
 (B, K) codes and `memory_bank_update` the new bank. Re-exported by
@@ -25,16 +25,10 @@ import math
 import jax
 import jax.numpy as jnp
 
-# Self-similarity is masked out by a large negative logit, as in losses.py.
+from simclr_jax.losses.normalize import l2_normalize
+
+# Self-similarity is masked out by a large negative logit, as in losses/contrastive.py.
 _LARGE_NUM = 1e9
-
-
-def _l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  # Same as losses._l2_normalize (tf.math.l2_normalize); kept here so this
-  # module does not import losses, which re-exports it. The eps floor keeps
-  # the value and the gradient of an all-zero row finite.
-  sq = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
-  return x * jax.lax.rsqrt(jnp.maximum(sq, eps))
 
 
 def _f32(*xs: jax.Array) -> tuple[jax.Array, ...]:
@@ -86,7 +80,7 @@ def supcon(z: jax.Array,
     base_temperature = temperature
   (z,) = _f32(z)
   n, v, d = z.shape
-  feats = _l2_normalize(z).reshape(n * v, d)  # row s*V + j: view j of s.
+  feats = l2_normalize(z).reshape(n * v, d)  # row s*V + j: view j of s.
   ids = jnp.arange(n) if labels is None else jnp.asarray(labels).reshape(n)
   ids = jnp.repeat(ids, v)
   not_self = ~jnp.eye(n * v, dtype=bool)
@@ -132,8 +126,8 @@ def moco_infonce(q: jax.Array,
     Scalar loss.
   """
   q, k, queue = _f32(q, k, queue)
-  q = _l2_normalize(q)
-  k = jax.lax.stop_gradient(_l2_normalize(k))
+  q = l2_normalize(q)
+  k = jax.lax.stop_gradient(l2_normalize(k))
   queue = jax.lax.stop_gradient(queue)
   l_pos = jnp.sum(q * k, axis=-1, keepdims=True)
   l_neg = q @ queue.T
@@ -142,8 +136,8 @@ def moco_infonce(q: jax.Array,
 
 
 def _moco_v3_ctr(q: jax.Array, k: jax.Array, temperature: float) -> jax.Array:
-  q = _l2_normalize(q)
-  k = jax.lax.stop_gradient(_l2_normalize(k))
+  q = l2_normalize(q)
+  k = jax.lax.stop_gradient(l2_normalize(k))
   logits = q @ k.T / temperature  # Positives on the diagonal.
   log_probs = jax.nn.log_softmax(logits, axis=-1)
   ce = -jnp.mean(jnp.diagonal(log_probs))
@@ -203,8 +197,8 @@ def byol(p1: jax.Array, p2: jax.Array, z1: jax.Array,
   p1, p2, z1, z2 = _f32(p1, p2, z1, z2)
 
   def regression(p, z):
-    z = jax.lax.stop_gradient(_l2_normalize(z))
-    cos = jnp.sum(_l2_normalize(p) * z, axis=-1)
+    z = jax.lax.stop_gradient(l2_normalize(z))
+    cos = jnp.sum(l2_normalize(p) * z, axis=-1)
     return jnp.mean(2.0 - 2.0 * cos)
 
   return regression(p1, z2) + regression(p2, z1)
@@ -297,7 +291,7 @@ def _instdisc_logits(features, bank_negatives, positives_from_bank):
   """Dot products f.v_i (B, 1) and f.v_j for the sampled negatives (B, M)."""
   features, bank_negatives, positives_from_bank = _f32(
       features, bank_negatives, positives_from_bank)
-  f = _l2_normalize(features)
+  f = l2_normalize(features)
   pos = jax.lax.stop_gradient(positives_from_bank)
   neg = jax.lax.stop_gradient(bank_negatives)
   l_pos = jnp.sum(f * pos, axis=-1, keepdims=True)
@@ -401,10 +395,10 @@ def memory_bank_update(bank: jax.Array,
     The updated bank, in bank's dtype.
   """
   (f,) = _f32(features)
-  f = _l2_normalize(jax.lax.stop_gradient(f))
+  f = l2_normalize(jax.lax.stop_gradient(f))
   bank = jnp.asarray(bank)
   old = bank[indices].astype(jnp.float32)
-  new = _l2_normalize(momentum * old + (1.0 - momentum) * f)
+  new = l2_normalize(momentum * old + (1.0 - momentum) * f)
   return bank.at[indices].set(new.astype(bank.dtype))
 
 
@@ -449,7 +443,7 @@ def hard_negative_nt_xent(z_a: jax.Array,
   n = z_a.shape[0]
   if n < 2:
     raise ValueError('hard_negative_nt_xent needs N >= 2 (no negatives).')
-  z = jnp.concatenate([_l2_normalize(z_a), _l2_normalize(z_b)])
+  z = jnp.concatenate([l2_normalize(z_a), l2_normalize(z_b)])
   s = z @ z.T / temperature
   idx = jnp.arange(2 * n)
   partner = (idx + n) % (2 * n)

@@ -1,0 +1,1 @@
+"""Modes that start from another run: linear_eval, finetune, distill, embed."""

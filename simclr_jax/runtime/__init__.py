@@ -1,0 +1,1 @@
+"""Mesh and shardings, jax.distributed, paths, checkpoints, metric writer, optimisers."""

@@ -1,0 +1,1 @@
+"""Benchmarks, the PyTorch peer and scaling tables: programs around the library."""

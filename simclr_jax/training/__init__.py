@@ -1,0 +1,1 @@
+"""The host training loop and the jitted steps it drives."""
