@@ -114,7 +114,7 @@ def _downstream_runner(mode: str):
   if mode == 'export':
     from simclr_jax import export
     return export.run_export
-  from simclr_jax.downstream.modes import modes as downstream
+  from simclr_jax.downstream import modes as downstream
   return getattr(downstream, f'run_{mode}')
 
 

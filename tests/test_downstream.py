@@ -15,7 +15,7 @@ import pytest
 
 from simclr_jax.runtime import checkpointing
 from simclr_jax.config import defaults
-from simclr_jax.downstream.modes import modes as downstream
+from simclr_jax.downstream import modes as downstream
 from simclr_jax import main
 from simclr_jax.training import supervised
 from simclr_jax.training import pretrain as train
