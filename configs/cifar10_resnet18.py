@@ -4,7 +4,7 @@ r"""SimCLR on CIFAR-10, ResNet-18 (reference README recipe, about 91% linear).
       --workdir=gs://BUCKET/simclr/cifar10_r18 --config.dataset.data_dir=DIR
 
 Batch 512, 1000 epochs, LARS lr 1.0 x B/256, T 0.5, colour strength 0.5, no
-blur, CIFAR stem (REFERENCE §3, §4).
+blur, CIFAR stem (Chen et al. 2020a, Appendix B.9; docs/algorithms.md).
 """
 
 from simclr_jax.config import defaults

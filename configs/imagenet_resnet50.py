@@ -5,7 +5,8 @@ r"""SimCLR on ImageNet, ResNet-50 1x, global batch 4096 (paper: 64.6% at 100 ep)
       --config.dataset.data_dir=gs://BUCKET/tensorflow_datasets
 
 T 0.1, LARS with sqrt scaling (0.075 x sqrt(B)), wd 1e-6, 10 warmup epochs,
-colour strength 1.0, blur on, bfloat16 compute (REFERENCE §3, §4).
+colour strength 1.0, blur on, bfloat16 compute (Chen et al. 2020a, Sec. 2.3
+and Appendix B.1; docs/algorithms.md).
 """
 
 from simclr_jax.config import defaults
@@ -36,4 +37,5 @@ def get_config():
   c.eval.batch_size = 1024
   c.eval.knn_k = 20
   c.eval.probe_random_init = False
+  c.eval.probe_pixels = False
   return c

@@ -12,9 +12,9 @@ R50-SK 1x, 3-layer head):
       --config.init_from=gs://BUCKET/simclr/in_v2_r50_sk \
       --config.dataset.name=imagenet2012_subset/1pct
 
-Differences from the v1 recipe (REFERENCE §2-§3): SK convs with sk_ratio
-0.0625 and the ResNet-D stem, 3 projection layers with fine-tuning from
-layer 1, warmup over 5% of training, weight decay 1e-4, 800 epochs.
+Differences from the v1 recipe (Chen et al. 2020b, Sec. 3): SK convs with
+sk_ratio 0.0625 and the ResNet-D stem, 3 projection layers with fine-tuning
+from layer 1, warmup over 5% of training, weight decay 1e-4, 800 epochs.
 """
 
 import os

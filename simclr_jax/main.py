@@ -10,6 +10,7 @@ resumes. Bad configs and unusable inputs end with one line on stderr and
 exit status 2.
 """
 
+import functools
 import json
 import math
 import os
@@ -81,6 +82,11 @@ def write_results(workdir: str, results: dict, name: str = 'results.json'
   return path
 
 
+def _stop_after_steps() -> int | None:
+  """--stop_after_steps, or None when called as a library (flags unparsed)."""
+  return FLAGS.stop_after_steps if FLAGS.is_parsed() else None
+
+
 def run_pretrain(config, workdir: str) -> dict:
   """Pretrains (or resumes), then evaluates; returns what results.json holds."""
   from simclr_jax.training import pretrain as train  # pylint: disable=g-import-not-at-top
@@ -91,7 +97,7 @@ def run_pretrain(config, workdir: str) -> dict:
     _fail(str(e))
   try:
     out = train.pretrain(config, workdir, setup,
-                         stop_after_steps=FLAGS.stop_after_steps)
+                         stop_after_steps=_stop_after_steps())
   except train.NonFiniteError as e:
     _fail(str(e), code=1)
   except ValueError as e:
@@ -107,24 +113,25 @@ def run_pretrain(config, workdir: str) -> dict:
   return results
 
 
-def _downstream_runner(mode: str):
-  """The `run_<mode>(config, workdir) -> results` function of a mode."""
-  # Imported lazily: each mode pulls in only what it needs.
-  # pylint: disable=g-import-not-at-top
-  if mode == 'export':
-    from simclr_jax import export
-    return export.run_export
-  from simclr_jax.downstream import modes as downstream
-  return getattr(downstream, f'run_{mode}')
-
-
 def run_downstream(mode: str, config, workdir: str) -> dict:
   """Runs a mode that starts from another run's checkpoint."""
-  from simclr_jax.training import pretrain as train  # pylint: disable=g-import-not-at-top
-  runner = _downstream_runner(mode)
+  # Imported lazily: each mode pulls in only what it needs.
+  # pylint: disable=g-import-not-at-top
+  from simclr_jax.training import loop
+  from simclr_jax.training import workdir as workdir_lib
+  if mode == 'export':
+    from simclr_jax import export
+    runner = export.run_export
+  else:
+    from simclr_jax import downstream
+    runner = downstream.RUNNERS[mode]
+    if mode in downstream.TRAINING_RUNNERS:
+      runner = functools.partial(runner, stop_after_steps=_stop_after_steps())
   try:
-    train.prepare_workdir(workdir)
+    workdir_lib.prepare_workdir(workdir)
     results = runner(config, workdir)
+  except loop.NonFiniteError as e:
+    _fail(str(e), code=1)
   except (ValueError, FileNotFoundError) as e:
     _fail(str(e))
   path = write_results(workdir, results)
@@ -134,6 +141,8 @@ def run_downstream(mode: str, config, workdir: str) -> dict:
 
 
 def main(argv):
+  from simclr_jax.runtime import logs  # pylint: disable=g-import-not-at-top
+  logs.configure(FLAGS.verbosity >= 1 or logs.env_verbose())
   if len(argv) > 1:
     _fail(f'unexpected arguments: {" ".join(argv[1:])}')
   if FLAGS.config is None:
@@ -148,6 +157,11 @@ def main(argv):
 
 
 def run():
+  # Before anything imports TensorFlow or starts a JAX backend (the
+  # validation module imports JAX): quiet unless --verbosity>=1 or
+  # SIMCLR_JAX_VERBOSE=1; main() re-applies it from the parsed flag.
+  from simclr_jax.runtime import logs  # pylint: disable=g-import-not-at-top
+  logs.configure(logs.verbose_from_argv(sys.argv))
   from simclr_jax.config import validation as config_validation  # pylint: disable=g-import-not-at-top
   app.run(main, flags_parser=config_validation.parse_flags)
 

@@ -1,4 +1,4 @@
-"""SimCLR augmentation (REFERENCE §4): TF and JAX backends against each other.
+"""Augmentation (docs/algorithms.md): TF and JAX backends against each other.
 
 The two backends share one structure (sample explicit params, then apply
 them), so the tests check (a) both sample the same distributions, which also
@@ -385,6 +385,36 @@ def test_finetune_views_crop_and_flip_only():
       flat / np.float32(255.0), 24, seed=tf.constant([1, 1]))
   assert tf_out.shape == (24, 24, 3) and tf_out.dtype == tf.float32
   np.testing.assert_allclose(tf_out.numpy(), flat_out, atol=1e-5)
+
+
+def test_finetune_views_gentle_crop_and_no_flip():
+  """config.augment.finetune_*: min area bounds every crop; flip=False never
+  mirrors (tested on a square image with distinct columns)."""
+  image = _image(32, 32)
+  images = jnp.asarray(np.stack([image] * 64))
+  # Area 1.0: every crop is the whole image, so every view is the resized
+  # image itself, whatever the key.
+  whole = augment.jax_finetune_views(jax.random.key(3), images, 32,
+                                     crop_min_area=1.0, flip=False)
+  np.testing.assert_allclose(np.asarray(whole),
+                             np.broadcast_to(image / 255.0, whole.shape),
+                             atol=1e-5)
+  # With flips on, about half of those views are mirrored.
+  flipped = augment.jax_finetune_views(jax.random.key(3), images, 32,
+                                       crop_min_area=1.0, flip=True)
+  mirrored = np.all(np.isclose(np.asarray(flipped),
+                               (image / 255.0)[:, ::-1], atol=1e-5),
+                    axis=(1, 2, 3))
+  assert 10 < mirrored.sum() < 54
+  # The crop box never goes below the area asked for.
+  boxes = jax.vmap(lambda k: aj.sample_crop_box(k, 32, 32, 0.5))(
+      jax.random.split(jax.random.key(4), 2000))
+  area = np.asarray(boxes.h) * np.asarray(boxes.w) / 1024.0
+  assert area.min() >= 0.5 and area.max() <= 1.0
+  tf_whole = augment.tf_finetune_view(image / np.float32(255.0), 32,
+                                      seed=tf.constant([1, 2]),
+                                      crop_min_area=1.0, flip=False)
+  np.testing.assert_allclose(tf_whole.numpy(), image / 255.0, atol=1e-5)
 
 
 def test_eval_center_crop():

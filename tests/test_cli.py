@@ -1,6 +1,7 @@
 """Bad input ends with one clear line on stderr, not a traceback."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -9,13 +10,37 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _main(*args, devices=8):
-  env = dict(os.environ,
+# A project log line in the default (quiet) mode: `10:32:01 message`.
+PROJECT_LINE = re.compile(r'^\d\d:\d\d:\d\d ')
+# absl's own prefix (`I1129 10:32:01.123 ...`), which library lines keep.
+ABSL_LINE = re.compile(r'^[DIWEF]\d{4} ')
+# A thin net on 16 px digits, two steps, cheap evaluation.
+TINY = (
+    '--config.model.width_multiplier=0.125',
+    '--config.model.proj_out_dim=16',
+    '--config.dataset.image_size=16',
+    '--config.batch_size=64',
+    '--config.train_steps=2',
+    '--config.optim.warmup_epochs=0.1',
+    '--config.checkpoint_every_steps=1',
+    '--config.log_every_steps=1',
+    '--config.eval.probe_random_init=False',
+    '--config.eval.fewshot_draws=1',
+    '--config.eval.fewshot_shots=(1,)',
+)
+
+
+def _main(*args, devices=8, config='digits.py', env=None):
+  env = dict(os.environ, **(env or {}),
              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
   return subprocess.run(
       [sys.executable, '-m', 'simclr_jax.main',
-       '--config=' + os.path.join(ROOT, 'configs', 'digits.py'), *args],
+       '--config=' + os.path.join(ROOT, 'configs', config), *args],
       capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+
+
+def _lines(r) -> list[str]:
+  return [line for line in (r.stdout + r.stderr).splitlines() if line.strip()]
 
 
 @pytest.mark.parametrize('override,expected', [
@@ -33,6 +58,8 @@ def test_bad_config_is_one_line(tmp_path, override, expected):
   last = r.stderr.strip().splitlines()[-1]
   assert last.startswith('error: ') and expected in last, last
   assert 'Traceback' not in r.stderr
+  # Nothing else: no JAX backend, Orbax or TensorFlow lines before it.
+  assert _lines(r) == [last], _lines(r)[:20]
 
 
 def test_unwritable_workdir_is_one_line(tmp_path):
@@ -43,3 +70,68 @@ def test_unwritable_workdir_is_one_line(tmp_path):
   last = r.stderr.strip().splitlines()[-1]
   assert last.startswith('error: workdir=') and 'cannot be written' in last
   assert 'Traceback' not in r.stderr
+
+
+def test_missing_recipe_is_one_line_listing_the_recipes(tmp_path):
+  r = subprocess.run(
+      [sys.executable, '-m', 'simclr_jax.main', '--config=configs/nosuch.py',
+       f'--workdir={tmp_path}'],
+      capture_output=True, text=True, cwd=ROOT, timeout=120)
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert 'Traceback' not in r.stderr
+  assert _lines(r) == [r.stderr.strip()], r.stderr[-2000:]
+  line = r.stderr.strip()
+  assert line.startswith('error: --config=configs/nosuch.py: ') and (
+      'configs/nosuch.py does not exist' in line), line
+  assert 'configs/digits.py' in line and 'configs/methods/byol.py' in line
+
+
+@pytest.mark.parametrize('source,expected', [
+    ('import no_such_module_xyz\n',
+     "failed to load (line 1): ModuleNotFoundError: No module named "
+     "'no_such_module_xyz'"),
+    ('CONFIG = 1\n', 'defines no get_config() function'),
+    ('def get_config():\n  return {}["x"]\n', 'get_config() of '),
+])
+def test_broken_recipe_is_one_line(tmp_path, source, expected):
+  recipe = tmp_path / 'recipe.py'
+  recipe.write_text(source)
+  r = subprocess.run(
+      [sys.executable, '-m', 'simclr_jax.main', f'--config={recipe}',
+       f'--workdir={tmp_path}/run'],
+      capture_output=True, text=True, cwd=ROOT, timeout=120)
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert 'Traceback' not in r.stderr
+  line = r.stderr.strip()
+  assert _lines(r) == [line] and line.startswith('error: '), r.stderr[-2000:]
+  assert str(recipe) in line and expected in line, line
+
+
+def test_verbosity_brings_library_logs_back(tmp_path):
+  """A config error after JAX and Orbax have started: the error alone by
+  default (checked above), their log lines too with --verbosity=1 or
+  SIMCLR_JAX_VERBOSE=1."""
+  for args, env in ((('--verbosity=1',), None),
+                    ((), {'SIMCLR_JAX_VERBOSE': '1'})):
+    r = _main(f'--workdir={tmp_path}', '--config.batch_size=100', *args,
+              env=env)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = _lines(r)
+    assert any(line.startswith('error: config.batch_size=100')
+               for line in lines), lines[-5:]
+    assert any(ABSL_LINE.match(line) for line in lines), lines[:20]
+
+
+def test_default_run_prints_only_the_projects_lines(tmp_path):
+  r = _main(f'--workdir={tmp_path}', *TINY)
+  assert r.returncode == 0, r.stderr[-3000:]
+  lines = _lines(r)
+  foreign = [line for line in lines if not PROJECT_LINE.match(line)]
+  assert not foreign, foreign[:20]
+  text = '\n'.join(lines)
+  for noise in ('orbax', 'absl::InitializeLog', 'oneDNN', 'xla_bridge',
+                'tensorflow', 'Traceback'):
+    assert noise not in text, noise
+  for own in ('Pretraining digits: 2 steps', 'step 2/2', 'checkpoint',
+              'Results: ', 'results.json'):
+    assert own in text, (own, lines)

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from simclr_jax import methods
 from simclr_jax.config import validation as config_validation
 from simclr_jax.config import defaults
 from simclr_jax.config.validation import ConfigError
@@ -142,3 +143,112 @@ def test_unknown_config_field_is_one_line_from_the_cli(tmp_path):
   assert last.startswith('error: --config.model.widht_multiplier: the config '
                          "has no field 'widht_multiplier'"), last
   assert 'width_multiplier' in last.split(';', 1)[1]
+
+
+def _method_recipe(method: str):
+  return defaults.load_recipe(
+      os.path.join(ROOT, 'configs', 'methods', f'{method}.py'))
+
+
+# Each method validates its own section (Method.validate): (method, field,
+# bad value, what the message must say besides field and value).
+BAD_METHOD = [
+    ('moco_v2', 'moco_v2.queue_size', 1000,
+     'must be a multiple of 2 x batch_size = 512'),
+    ('moco_v2', 'moco_v2.queue_size', 0, 'must be an integer >= 1'),
+    ('moco_v2', 'moco_v2.momentum', 1.0, 'must be in [0, 1)'),
+    ('moco_v3', 'moco_v3.momentum', math.nan, 'must be in [0, 1)'),
+    ('moco_v3', 'moco_v3.predictor_hidden_dim', 0, 'must be an integer >= 1'),
+    ('byol', 'byol.momentum', -0.1, 'must be in [0, 1)'),
+    ('byol', 'byol.predictor_hidden_dim', -4, 'must be an integer >= 1'),
+    ('swav', 'swav.num_prototypes', 1, 'must be an integer >= 2'),
+    ('swav', 'swav.sinkhorn_iterations', 0, 'must be an integer >= 1'),
+    ('swav', 'swav.epsilon', 0.0, 'must be > 0'),
+    ('swav', 'swav.freeze_prototypes_steps', -1, 'must be an integer >= 0'),
+    ('instdisc', 'instdisc.num_negatives', 0, 'must be an integer >= 1'),
+    ('instdisc', 'instdisc.bank_momentum', 1.0, 'must be in [0, 1)'),
+    ('hcl', 'hcl.beta', -1.0, 'must be >= 0'),
+    ('hcl', 'hcl.tau_plus', 1.0, 'must be in [0, 1)'),
+    ('supcon', 'supcon.base_temperature', -0.1, 'must be >= 0'),
+    ('triplet', 'margin.margin', 0.0, 'must be > 0'),
+    ('contrastive_margin', 'margin.margin', -1.0, 'must be > 0'),
+]
+
+
+@pytest.mark.parametrize('method,field,value,expected', BAD_METHOD,
+                         ids=[f'{m}:{f}={v!r}' for m, f, v, _ in BAD_METHOD])
+def test_bad_method_setting_is_one_line_naming_the_field(method, field, value,
+                                                         expected):
+  c = _method_recipe(method)
+  config_validation.validate(c, num_devices=8)  # The recipe itself is fine.
+  _set(c, field, value)
+  with pytest.raises(ConfigError) as e:
+    config_validation.validate(c, num_devices=8)
+  msg = str(e.value)
+  assert '\n' not in msg
+  assert f'config.{field}={value!r}' in msg, msg
+  assert expected in msg, msg
+  # The method's own check raises the same error without the whole config.
+  with pytest.raises(ConfigError, match=f'config.{field}='):
+    methods.METHODS[method].validate(c)
+
+
+def test_only_the_selected_method_is_validated():
+  c = _digits()  # method = simclr
+  c.moco_v2.queue_size = 1000  # Would be invalid for moco_v2.
+  c.swav.num_prototypes = 0
+  config_validation.validate(c, num_devices=8)
+
+
+def test_every_method_section_exists_and_is_named_after_it():
+  c = defaults.base_config()
+  for name, cls in methods.METHODS.items():
+    assert cls.name == name
+    if cls.section:
+      assert cls.section in c, name
+      # One section per method, named as the method; the margin section is
+      # shared by the two margin losses.
+      assert cls.section in (name, 'margin'), name
+
+
+@pytest.mark.parametrize('method', sorted(methods.METHODS))
+def test_grad_cache_support_is_the_methods_own(method):
+  c = _method_recipe(method) if method != 'simclr' else _digits()
+  c.grad_cache_chunks = 2
+  if methods.METHODS[method].supports_grad_cache:
+    config_validation.validate(c, num_devices=8)
+  else:
+    with pytest.raises(ConfigError) as e:
+      config_validation.validate(c, num_devices=8)
+    msg = str(e.value)
+    assert '\n' not in msg and f'method={method!r}' in msg, msg
+    assert ('use 0, or one of contrastive_margin, hcl, invaspread, simclr, '
+            'supcon, triplet') in msg, msg
+  # Only methods scoring the projections alone can be chunked.
+  assert {n for n, m in methods.METHODS.items() if m.supports_grad_cache} == {
+      'simclr', 'hcl', 'supcon', 'triplet', 'contrastive_margin',
+      'invaspread'}
+
+
+# The fields that fix the shapes of each method's checkpointed state.
+RESUME_SHAPE_FIELDS = {
+    'moco_v2': ('moco_v2.queue_size',),
+    'moco_v3': ('moco_v3.predictor_hidden_dim',),
+    'byol': ('byol.predictor_hidden_dim',),
+    'swav': ('swav.num_prototypes', 'swav.queue_length'),
+    'instdisc': ('dataset.train_split',),
+    'deepcluster': ('deepcluster.num_clusters', 'deepcluster.pca_dim',
+                    'dataset.train_split'),
+}
+
+
+@pytest.mark.parametrize('method', sorted(methods.METHODS))
+def test_resume_shape_fields(method):
+  c = defaults.base_config()
+  c.method = method
+  fields = methods.resume_shape_fields(c)
+  assert fields == RESUME_SHAPE_FIELDS.get(method, ())
+  for field in fields:  # Each names a field the config has.
+    node = c
+    for part in field.split('.'):
+      node = node[part]

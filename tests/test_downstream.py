@@ -15,7 +15,8 @@ import pytest
 
 from simclr_jax.runtime import checkpointing
 from simclr_jax.config import defaults
-from simclr_jax.downstream import modes as downstream
+from simclr_jax import downstream
+from simclr_jax.downstream import common
 from simclr_jax import main
 from simclr_jax.training import supervised
 from simclr_jax.training import pretrain as train
@@ -171,7 +172,7 @@ def test_ft_proj_selector_picks_head_layer():
       variables)['head_hiddens']
   # Whole classifier (encoder, copied weights, kept layer) at selector 1.
   model = classifier.build_classifier(c, head_layers=1, num_classes=10)
-  mine = downstream._init_variables(model, c, jax.random.key(2), variables)
+  mine = common.init_variables(model, c, jax.random.key(2), variables)
   assert set(mine['params']['projection_head']) == {'dense1', 'bn1'}
   features = jax.jit(lambda v: model.apply(v, x, train=False))(
       mine)['features']

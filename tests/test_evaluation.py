@@ -282,3 +282,32 @@ def test_extract_features_on_8_device_mesh(extract_data):
     evaluation.extract_features(
         fn, images, 8, jax.sharding.Mesh(np.array(jax.devices()[:8]), ('x',)),
         variables=variables)
+
+
+def test_pixel_baseline_reads_out_the_flattened_images():
+  """pixel_* numbers: the NumPy kNN and sklearn probe on raw pixels."""
+  from simclr_jax.config import defaults  # pylint: disable=g-import-not-at-top
+  from simclr_jax.evaluation import readout  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(3)
+  centres = rng.uniform(0, 1, size=(3, 4, 4, 3))
+  def draw(n):
+    y = rng.integers(0, 3, size=n)
+    x = (centres[y] + 0.3 * rng.normal(size=(n, 4, 4, 3))).astype(np.float32)
+    return x, y.astype(np.int32)
+  train, test = draw(60), draw(30)
+  c = defaults.base_config().eval
+  c.knn_k, c.fewshot_shots, c.fewshot_draws = 5, (2,), 2
+  got = readout.prefixed('pixel_', readout.evaluate_pixels(
+      train, test, eval_config=c, seed=0))
+  assert set(got) == {'pixel_probe_accuracy', 'pixel_fewshot_probe_accuracy',
+                      'pixel_knn_accuracy'}
+  flat_train, flat_test = train[0].reshape(60, -1), test[0].reshape(30, -1)
+  predicted, _, _ = _knn_reference(flat_train, train[1], flat_test, 3, 5,
+                                   c.knn_temperature)
+  assert got['pixel_knn_accuracy'] == pytest.approx(
+      np.mean(predicted == test[1]))
+  scaler = preprocessing.StandardScaler().fit(flat_train)
+  clf = linear_model.LogisticRegression(C=probe.DEFAULT_C, max_iter=1000)
+  clf.fit(scaler.transform(flat_train), train[1])
+  assert got['pixel_probe_accuracy'] == pytest.approx(
+      np.mean(clf.predict(scaler.transform(flat_test)) == test[1]), abs=0.04)

@@ -598,10 +598,12 @@ _TF_CASES = {
 }
 
 
-def _import_and_compare(case, size, tmp_path):
+def _import_and_compare(case, size, tmp_path, write=None):
   """Saves a reference checkpoint, imports it; returns (config, vars, x, ref).
 
   Also checks the imported model against the reference forward pass.
+  `write(refs, tmp_path)`, if given, saves the variables its own way and
+  returns the path to import.
   """
   tf2, depth, width, sk_ratio, cifar_stem, layers = _TF_CASES[case]
   x = np.random.default_rng(3).uniform(size=(2, size, size, 3)).astype(
@@ -620,6 +622,8 @@ def _import_and_compare(case, size, tmp_path):
     extras = {'global_step': np.int64(100),
               'base_model/conv2d/kernel/Momentum': np.zeros(1, np.float32)}
   refs.save(prefix, extras)
+  if write is not None:
+    prefix = write(refs, tmp_path)
 
   config, variables = export.import_tf_checkpoint(prefix)
   assert config == dict(
@@ -661,6 +665,99 @@ def test_import_tf_checkpoint_matches_reference_at_even_size(case, tmp_path):
   rel = np.max(np.abs(h_torch - h)) / np.max(np.abs(h))
   print(f'{case} at 32 px with torch padding: max relative diff {rel:.2e}')
   assert rel > 1e-3
+
+
+def _write_saved_model(refs, tmp_path):
+  """Saves `refs`' TF2 variables as the authors' tf2/run.py exports them.
+
+  `build_saved_model` wraps the Keras model in a tf.Module holding `model`
+  and `trainable_variables_list = model.trainable_variables`, and
+  `tf.saved_model.save`s it. This rebuilds the model's object structure from
+  the TF2 attribute paths (a trackable per layer, lists for the reference's
+  layer lists, empty ones for layers without variables) and gives every
+  layer, ahead of its attributes as Keras 2 does, the SavedModel-only
+  children Keras adds: lists `variables`, `trainable_variables`,
+  `non_trainable_variables` and `layers` (the sublayers). Returns the
+  SavedModel directory.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  trackable = tf.__internal__.tracking.AutoTrackable
+  tree, created = {}, []
+  for key, value in refs.tensors.items():
+    parts = key[:-len('/.ATTRIBUTES/VARIABLE_VALUE')].split('/')[1:]
+    node = tree
+    for part in parts[:-1]:
+      node = node.setdefault(part, {})
+    node[parts[-1]] = tf.Variable(
+        value, name='/'.join(p.lstrip('_') for p in parts),
+        trainable=parts[-1] not in ('moving_mean', 'moving_variance'))
+    created.append(node[parts[-1]])
+
+  def leaves(obj):
+    if isinstance(obj, tf.Variable):
+      return [obj]
+    items = obj.values() if isinstance(obj, dict) else obj
+    return [v for item in items for v in leaves(item)]
+
+  def build(spec):
+    if spec and all(k.isdigit() for k in spec):  # A list of layers.
+      return [build(spec.get(str(i), {}))
+              for i in range(max(map(int, spec)) + 1)]
+    layer = trackable()
+    variables = leaves(spec)
+    children = {k: v if isinstance(v, tf.Variable) else build(v)
+                for k, v in spec.items()}
+    layer.variables = variables
+    layer.trainable_variables = [v for v in variables if v.trainable]
+    layer.non_trainable_variables = [v for v in variables if not v.trainable]
+    if 'layers' not in children:
+      layer.layers = [c for v in children.values() if not isinstance(
+          v, tf.Variable) for c in (v if isinstance(v, list) else [v])]
+    for k, v in children.items():
+      setattr(layer, k, v)
+    return layer
+
+  class SimCLRModel(tf.Module):  # As build_saved_model's.
+
+    def __init__(self, model):
+      super().__init__()
+      self.model = model
+      self.trainable_variables_list = [v for v in created if v.trainable]
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3])])
+    def __call__(self, inputs):
+      return tf.reduce_mean(inputs, [1, 2])
+
+  export_dir = str(tmp_path / 'saved_model')
+  tf.saved_model.save(SimCLRModel(build(tree)), export_dir)
+  return export_dir
+
+
+def test_import_tf_saved_model_matches_reference_forward(tmp_path):
+  """A SavedModel's positional keys import as the name-keyed TF2 ckpt."""
+  tf = pytest.importorskip('tensorflow')
+  export_dir = None
+
+  def write(refs, path):
+    nonlocal export_dir
+    export_dir = _write_saved_model(refs, path)
+    return export_dir
+
+  config, variables, x, _ = _import_and_compare('v2_tf2_r50_sk', 30, tmp_path,
+                                                write)
+  keys = [k for k, _ in tf.train.list_variables(
+      f'{export_dir}/variables/variables')]
+  # The weights really are stored by position, not by attribute path.
+  assert not [k for k in keys if k.startswith('model/resnet_model/')]
+  assert sum(k.startswith('trainable_variables_list/') for k in keys) > 100
+  assert [k for k in keys if k.startswith('model/variables/')]
+
+  by_name = export.import_tf_checkpoint(str(tmp_path / 'model.ckpt-100'))
+  assert by_name[0] == config
+  jax.tree_util.tree_map(np.testing.assert_array_equal, by_name[1], variables)
+  # The variables prefix imports too.
+  prefix = export.import_tf_checkpoint(f'{export_dir}/variables/variables')
+  jax.tree_util.tree_map(np.testing.assert_array_equal, prefix[1], variables)
 
 
 def test_imported_tf_padding_is_refused_by_torchvision():

@@ -1,4 +1,4 @@
-"""The contrastive family (REFERENCE §6) against NumPy versions of the papers.
+"""The contrastive family's losses against NumPy versions of the papers.
 
 Every reference below is written independently of simclr_jax, in float64,
 with explicit loops where that reads closest to the paper. JAX runs in its
@@ -406,6 +406,55 @@ def test_hard_negative_is_stable_at_low_temperature():
   assert np.isfinite(value) and np.all(np.isfinite(g))
 
 
+# ------------------------------------------------------------- InvaSpread
+
+
+def np_invaspread(f, f_hat, t):
+  """Ye et al. 2019, eq. 2-5, divided by the batch size m."""
+  f, f_hat = unit(f), unit(f_hat)
+  m = len(f)
+
+  def p(i, query):  # P(i | query): softmax over the m features f_k.
+    den = sum(np.exp(f[k] @ query / t) for k in range(m))
+    return np.exp(f[i] @ query / t) / den
+
+  total = 0.0
+  for i in range(m):
+    total -= np.log(p(i, f_hat[i]))  # eq. 2: x^_i recognised as i.
+    for j in range(m):
+      if j != i:
+        total -= np.log(1.0 - p(i, f[j]))  # eq. 3: x_j not recognised as i.
+  return total / m
+
+
+@pytest.mark.parametrize('t', [0.1, 0.5])
+def test_invaspread_value_and_gradient(t):
+  f, f_hat = normal(40, 2, 5, 3)
+  # Gradient with respect to each view in turn.
+  check(lambda x: losses.invaspread(x, f_hat, t),
+        lambda x: np_invaspread(x, f_hat, t), f)
+  check(lambda x: losses.invaspread(f, x, t),
+        lambda x: np_invaspread(f, x, t), f_hat)
+
+
+def test_invaspread_is_stable_at_low_temperature_and_collapse():
+  # Every feature equal: P(i | x_j) = 1/m for all i, j (k = j included).
+  m = 4
+  f = np.tile(normal(41, 1, 3), (m, 1))
+  value, g = value_and_grad(lambda x: losses.invaspread(x, x, 0.01), f)
+  expected = math.log(m) - (m - 1) * math.log1p(-1.0 / m)
+  np.testing.assert_allclose(value, expected, rtol=1e-5)
+  assert np.all(np.isfinite(g))
+  f, f_hat = normal(42, 2, 6, 3)
+  value, g = value_and_grad(lambda x: losses.invaspread(x, f_hat, 0.01), f)
+  assert np.isfinite(value) and np.all(np.isfinite(g))
+
+
+def test_invaspread_needs_two_instances():
+  with pytest.raises(ValueError, match='m >= 2'):
+    losses.invaspread(np.ones((1, 3)), np.ones((1, 3)))
+
+
 # ------------------------------------------------------------ Margin losses
 
 
@@ -511,6 +560,7 @@ def _family_calls():
       'instdisc_nce': (lambda x: losses.instdisc_nce(x, queue, queue[:4], 50),
                        (a,)),
       'hard_negative_nt_xent': (losses.hard_negative_nt_xent, (a, b)),
+      'invaspread': (losses.invaspread, (a, b)),
       'triplet_margin': (lambda x: losses.triplet_margin(x, labels), (a,)),
       'contrastive_margin': (lambda x: losses.contrastive_margin(x, labels),
                              (a,)),

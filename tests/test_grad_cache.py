@@ -203,11 +203,14 @@ def _train(model, chunks, bn='per_chunk', steps=2):
   """Runs the real jitted train step (LARS, online head, metrics)."""
   c = defaults.base_config()
   c.optim.warmup_epochs = 0
+  c.loss.temperature = TEMPERATURE
   mesh = parallel.make_mesh()
   tx, schedule = optim.make_optimizer(c, steps_per_epoch=10, total_steps=20)
   state = ts.create_train_state(model, tx, jax.random.key(0), 8, mesh)
   step = ts.make_train_step(
-      model, tx, schedule, mesh, temperature=TEMPERATURE,
+      model, tx, schedule, mesh,
+      method=methods.make_method(c, mesh=mesh, total_steps=20,
+                                 num_train_examples=0),
       views_fn=ts.make_views_fn('tf', 8, 0.5, False),
       grad_cache_chunks=chunks, grad_cache_bn=bn)
   rng = np.random.default_rng(0)

@@ -9,6 +9,7 @@ import numpy as np
 from simclr_jax.config import defaults
 from simclr_jax.evaluation import knn_monitor
 from simclr_jax.training import pretrain as train
+from simclr_jax.training import state as state_lib
 from simclr_jax.data import pipeline
 
 
@@ -33,7 +34,7 @@ def _config():
 
 def _numpy_knn_accuracy(train_f, train_y, test_f, test_y, k, temperature,
                         num_classes):
-  """InstDisc weighted kNN, written out directly (REFERENCE §5)."""
+  """InstDisc weighted kNN (Wu et al. 2018, Sec. 3.4), written out directly."""
   a = train_f / np.linalg.norm(train_f, axis=1, keepdims=True)
   b = test_f / np.linalg.norm(test_f, axis=1, keepdims=True)
   correct = 0
@@ -72,7 +73,7 @@ def test_monitor_during_pretraining_matches_numpy_knn(tmp_path):
   # features of model.apply on the same (capped) evaluation arrays.
   state = out['state']
   monitor = knn_monitor.KnnMonitor(setup, workdir)
-  measured = monitor.measure(4, state)
+  measured = monitor.measure(4, state_lib.variables_of(state))
   variables = jax.device_get({'params': state.params,
                               'batch_stats': state.batch_stats})
   train_x, train_y = pipeline.load_eval_arrays(c, 'train', max_examples=256)

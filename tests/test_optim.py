@@ -1,4 +1,4 @@
-"""LARS and the schedule against REFERENCE §3's formulas, in NumPy."""
+"""LARS and the schedule against docs/algorithms.md#optimiser, in NumPy."""
 
 import math
 
@@ -67,6 +67,58 @@ def test_lars_matches_reference_formula_with_exclusions():
                                err_msg=k)
   # The excluded leaves really moved by plain momentum SGD, not by trust*lr.
   assert not np.allclose(got['bn/scale'], flat['bn/scale'])
+
+
+def test_lars_gives_the_online_linear_head_momentum_sgd_with_l2():
+  """The head's update, step by step: v = m*v + lr*(g + wd*w); w -= v.
+
+  No trust ratio for any head leaf, weight decay on its kernel only; the
+  representation's kernels keep LARS (trust ratio and decay).
+  """
+  c = defaults.base_config()
+  c.batch_size = 512
+  c.optim.base_learning_rate = 1.0
+  c.optim.weight_decay = 1e-2
+  c.optim.warmup_epochs = 1
+  tx, schedule = optim.make_optimizer(c, steps_per_epoch=2, total_steps=10)
+  rng = np.random.default_rng(1)
+  params = {
+      'encoder': {'conv': {'kernel': rng.normal(size=(3, 3, 2, 4))}},
+      'linear_head': {'dense': {'kernel': rng.normal(size=(4, 10)),
+                                'bias': rng.normal(size=(10,))}},
+  }
+  params = jax.tree.map(lambda x: x.astype(np.float32), params)
+  flat = {'/'.join(k): v for k, v in _flatten(params).items()}
+  state, p = tx.init(params), params
+  head_w = flat['linear_head/dense/kernel'].astype(np.float64)
+  head_b = flat['linear_head/dense/bias'].astype(np.float64)
+  v_w, v_b = 0.0, 0.0
+  enc_p, enc_v = {'k': flat['encoder/conv/kernel']}, {'k': 0.0}
+  for step in range(4):
+    grads = jax.tree.map(
+        lambda x: rng.normal(size=x.shape).astype(np.float32), p)
+    g = {'/'.join(k): np.asarray(v, np.float64)
+         for k, v in _flatten(grads).items()}
+    lr = float(schedule(step))
+    v_w = 0.9 * v_w + lr * (g['linear_head/dense/kernel'] + 1e-2 * head_w)
+    head_w = head_w - v_w
+    v_b = 0.9 * v_b + lr * g['linear_head/dense/bias']
+    head_b = head_b - v_b
+    enc_p, enc_v = numpy_lars_step(enc_p, {'k': g['encoder/conv/kernel']},
+                                   enc_v, lr, 1e-2, 0.001, 0.9, {'k': True})
+    updates, state = tx.update(grads, state, p)
+    p = jax.tree.map(lambda a, u: a + u, p, updates)
+    got = {'/'.join(k): np.asarray(v) for k, v in _flatten(p).items()}
+    np.testing.assert_allclose(got['linear_head/dense/kernel'], head_w,
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got['linear_head/dense/bias'], head_b,
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got['encoder/conv/kernel'], enc_p['k'],
+                               rtol=1e-5, atol=1e-7)
+  # Without the exclusion the head would have moved by about eeta = 0.1% of
+  # its norm per unit of learning rate; it moved by far more.
+  moved = np.linalg.norm(head_w - flat['linear_head/dense/kernel'])
+  assert moved > 0.1 * np.linalg.norm(flat['linear_head/dense/kernel'])
 
 
 def _flatten(tree, prefix=()):

@@ -4,6 +4,7 @@ import jax
 import numpy as np
 
 from simclr_jax.config import defaults
+from simclr_jax import methods
 from simclr_jax import models
 from simclr_jax.runtime import optim
 from simclr_jax.runtime import parallel
@@ -19,6 +20,7 @@ def _tiny_config():
   c.batch_size = 16
   c.optim.warmup_epochs = 0
   c.optim.weight_decay = 1e-4
+  c.loss.temperature = 0.2
   return c
 
 
@@ -27,8 +29,10 @@ def _run(mesh, batches, steps=2):
   model = models.build_model(c, num_classes=10)
   tx, schedule = optim.make_optimizer(c, steps_per_epoch=10, total_steps=20)
   state = ts.create_train_state(model, tx, jax.random.key(0), 8, mesh)
+  method = methods.make_method(c, mesh=mesh, total_steps=20,
+                               num_train_examples=0)
   step = ts.make_train_step(
-      model, tx, schedule, mesh, temperature=0.2,
+      model, tx, schedule, mesh, method=method,
       views_fn=ts.make_views_fn('tf', 8, 0.5, False))
   metrics = []
   for i in range(steps):

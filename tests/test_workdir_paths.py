@@ -27,7 +27,8 @@ from simclr_jax.evaluation import knn_monitor
 from simclr_jax import main
 from simclr_jax.runtime import metric_writer
 from simclr_jax.runtime import paths
-from simclr_jax.training import supervised
+from simclr_jax.training import workdir as workdir_lib
+from simclr_jax.training import loop
 from simclr_jax.training import pretrain as train
 from simclr_jax.config.validation import ConfigError
 from simclr_jax.export import flax_artifact
@@ -150,7 +151,7 @@ def test_metric_writer_rewrites_instead_of_appending(gcs, monkeypatch):
   writer = metric_writer.MetricWriter(workdir, enabled=True)
   writer.write(3, {'loss': 1.0})
   writer.close()
-  train._truncate_metrics_log(workdir, 2)
+  loop.truncate_metrics_log(workdir, 2)
   assert [r['step'] for r in _read_lines(gcs, 'bucket/run/metrics.jsonl')
           ] == [1, 2]
   writer = metric_writer.MetricWriter(workdir, enabled=True)
@@ -171,7 +172,7 @@ def test_results_nan_diagnostic_and_knn_history(gcs):
     assert json.load(f) == {'top1': 0.5, 'bad': None}
   seen = {'bad_metrics': {'loss': float('nan')}, 'first_bad_step': 3,
           'last_finite_step': 2, 'last_finite_metrics': {'loss': 1.0}}
-  path, bad = train._write_nan_diagnostic(workdir, seen)
+  path, bad = loop._write_nan_diagnostic(workdir, seen)
   assert bad == ['loss'] and path.startswith('gs://')
   with open(os.path.join(gcs.root, 'bucket/run/nan_diagnostic.json')) as f:
     assert json.load(f)['step'] == 3
@@ -187,10 +188,14 @@ def test_results_nan_diagnostic_and_knn_history(gcs):
 def test_downstream_helpers(gcs):
   workdir = 'gs://bucket/down'
   train.prepare_workdir(workdir)
-  supervised.check_fresh_workdir(workdir)
-  os.makedirs(os.path.join(gcs.root, 'bucket/down/checkpoints/1'))
-  with pytest.raises(ValueError, match='already holds a checkpoint'):
-    supervised.check_fresh_workdir(workdir)
+  # A downstream run records its config on gs:// like pretraining does, and
+  # a workdir holding another mode's run is refused there too.
+  c = defaults.base_config()
+  workdir_lib.check_and_record(workdir, c, ('model.depth',))
+  c.downstream = {'mode': 'finetune'}
+  with pytest.raises(ConfigError, match='holds a pretrain run and this is a '
+                     'finetune run'):
+    workdir_lib.check_and_record(workdir, c, ('model.depth',))
   with pytest.raises(FileNotFoundError, match='gs://bucket/none'):
     checkpointing.load_run('gs://bucket/none')
   with pytest.raises(FileNotFoundError, match='gs://bucket/none/checkpoints'):

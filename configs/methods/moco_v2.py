@@ -1,4 +1,4 @@
-r"""MoCo v2 (momentum key encoder + queue of keys; REFERENCE §6).
+r"""MoCo v2 (momentum key encoder + queue of keys; docs/algorithms.md).
 
   python -m simclr_jax.main --config=configs/methods/moco_v2.py:digits \
       --workdir=/tmp/moco_v2_digits
@@ -22,6 +22,6 @@ def get_config(dataset: str = 'digits'):
       dataset, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   c.method = 'moco_v2'
   c.loss.temperature = 0.2
-  c.moco.momentum = 0.99 if dataset == 'digits' else 0.999
-  c.moco.queue_size = 1024 if dataset == 'digits' else 65536
+  c.moco_v2.momentum = 0.99 if dataset == 'digits' else 0.999
+  c.moco_v2.queue_size = 1024 if dataset == 'digits' else 65536
   return c

@@ -2,7 +2,8 @@
 
 Each recipe starts from `base_config()` and overrides what differs, so a field
 exists in every config and command-line overrides (`--config.x=...`) always
-find it. Values follow the SimCLR reference where it has one (REFERENCE.md).
+find it. Values follow the SimCLR papers and released code where they set one
+(docs/algorithms.md).
 """
 
 import ml_collections
@@ -28,7 +29,7 @@ def base_config() -> ml_collections.ConfigDict:
   # For the on-device ('jax') augmentation of variable-size images, the host
   # resizes every image to raw_size x raw_size first (0 = image_size).
   c.dataset.raw_size = 0
-  # Shuffle buffer = multiplier x per-host batch (REFERENCE §4: 50 CIFAR, 10 else).
+  # Shuffle buffer = multiplier x per-host batch (50 CIFAR, 10 else; released code).
   c.dataset.shuffle_buffer_multiplier = 50
   c.dataset.cache = True
   c.dataset.prefetch = 2  # Batches prefetched onto the devices.
@@ -40,6 +41,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.augment.backend = 'tf'  # 'tf' (tf.data on host CPU) or 'jax' (on device).
   c.augment.color_strength = 0.5
   c.augment.blur = False
+  # The crop + flip of linear_eval, finetune and distill: the reference's
+  # random crop down to 8% of the area and a horizontal flip. 8x8 digits
+  # lose their class to both, so configs/digits.py sets gentler values.
+  c.augment.finetune_crop_min_area = 0.08
+  c.augment.finetune_flip = True
 
   c.model = ml_collections.ConfigDict()
   c.model.depth = 18
@@ -58,19 +64,34 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict()
   c.loss.temperature = 0.5
 
-  # Settings of the other methods (simclr_jax/methods; REFERENCE §6). Every
-  # method reads its temperature from loss.temperature.
-  c.moco = ml_collections.ConfigDict(dict(momentum=0.999, queue_size=65536))
-  c.mocov3 = ml_collections.ConfigDict(
+  # Settings of the other methods, one section each, named as the method
+  # (`Method.section`; the margin section serves triplet and
+  # contrastive_margin). Every method reads its temperature from
+  # loss.temperature.
+  c.moco_v2 = ml_collections.ConfigDict(dict(momentum=0.999, queue_size=65536))
+  c.moco_v3 = ml_collections.ConfigDict(
       dict(momentum=0.99, predictor_hidden_dim=4096))
   c.byol = ml_collections.ConfigDict(
       dict(momentum=0.996, predictor_hidden_dim=4096))
+  # queue_length: past features per view added to the Sinkhorn (0 = none;
+  # a multiple of batch_size), used from epoch queue_start_epoch on.
   c.swav = ml_collections.ConfigDict(
       dict(num_prototypes=3000, epsilon=0.05, sinkhorn_iterations=3,
-           freeze_prototypes_steps=313))
+           freeze_prototypes_steps=313, queue_length=0, queue_start_epoch=15))
   c.instdisc = ml_collections.ConfigDict(
       dict(num_negatives=4096, bank_momentum=0.5))
   c.hcl = ml_collections.ConfigDict(dict(beta=1.0, tau_plus=0.1))
+  # DeepCluster (methods/deepcluster.py): k-means on PCA-whitened features of
+  # the whole train split every `recluster_every_epochs` (or, if > 0,
+  # `recluster_every_steps`); a fresh classifier on h learns the cluster ids
+  # with plain SGD (no momentum) at head_learning_rate / head_weight_decay.
+  c.deepcluster = ml_collections.ConfigDict(
+      dict(num_clusters=10000, pca_dim=256, kmeans_iterations=20,
+           recluster_every_epochs=1.0, recluster_every_steps=0,
+           head_learning_rate=0.05, head_weight_decay=1e-5))
+  # symmetric: mean of eq. 5 with either view as the "original" (False: view
+  # a only, eq. 5 as written).
+  c.invaspread = ml_collections.ConfigDict(dict(symmetric=True))
   # base_temperature 0 = the temperature itself (SupContrast scaling T/base_T = 1).
   c.supcon = ml_collections.ConfigDict(dict(base_temperature=0.0))
   # Triplet / pairwise margin losses; use_labels=False: instance positives.
@@ -116,9 +137,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.fewshot_shots = (1, 5, 10)
   c.eval.fewshot_draws = 10
   c.eval.probe_random_init = True  # Also probe the same architecture at random init.
+  # Also read out the raw pixels (flattened eval images) the same three ways:
+  # the baseline a representation has to beat. Off for ImageNet-size images.
+  c.eval.probe_pixels = True
 
-  # Downstream modes (simclr_jax/downstream/modes.py; REFERENCE §5). Every section
-  # trains with momentum SGD, peak LR = learning_rate * B/256 ('linear') or
+  # Downstream modes (simclr_jax/downstream/;
+  # docs/algorithms.md#evaluation-protocols). Every section trains with momentum SGD, peak LR = learning_rate * B/256 ('linear') or
   # * sqrt(B) ('sqrt'), no warmup, cosine decay; wd on kernels only.
   # linear_eval: frozen encoder (BN in inference mode), linear classifier on h.
   c.linear_eval = ml_collections.ConfigDict(dict(

@@ -12,7 +12,7 @@ import math
 import ml_collections
 
 from simclr_jax.config.validation import ConfigError
-from simclr_jax.models import classifier
+from simclr_jax.models import resnet
 from simclr_jax.runtime.optim import LR_SCALINGS
 
 EMBED_METHODS = ('pca', 'tsne')
@@ -100,8 +100,8 @@ def recorded_config(config: ml_collections.ConfigDict,
   for field in _ARCH_FIELDS:
     if field in arch_config.model:
       out.model[field] = arch_config.model[field]
-  cifar = classifier.uses_cifar_stem(arch_config.model,
-                                     arch_config.dataset.image_size)
+  cifar = resnet.uses_cifar_stem(arch_config.model,
+                                 arch_config.dataset.image_size)
   out.model.stem = 'cifar' if cifar else 'imagenet'
   out.model.ft_proj_selector = head_layers
   out.model.linear_eval_while_pretraining = False

@@ -9,55 +9,17 @@ import sys
 
 import ml_collections
 
-from simclr_jax.models.resnet import STAGE_SIZES
+from simclr_jax import methods
+from simclr_jax.models import resnet
+from simclr_jax.runtime import config_checks as checks
+from simclr_jax.runtime.config_checks import ConfigError  # Re-exported.
 from simclr_jax.runtime.optim import LR_SCALINGS, OPTIMIZERS
 
-DEPTHS = tuple(sorted(STAGE_SIZES))
+DEPTHS = tuple(sorted(resnet.STAGE_SIZES))
 BACKENDS = ('tf', 'jax')
-STEMS = ('auto', 'cifar', 'imagenet')
-DTYPES = ('float32', 'bfloat16')
 ON_NAN = ('stop', 'skip_step')
 ON_CORRUPT = ('skip', 'fail')
-
-
-class ConfigError(ValueError):
-  """A config value that cannot work; the message is one line."""
-
-
-def _choice(field: str, value, allowed) -> None:
-  if value not in allowed:
-    raise ConfigError(f'config.{field}={value!r} is not supported; choose one '
-                      f'of {", ".join(map(str, allowed))}')
-
-
-def _positive(field: str, value, allow_zero: bool = False) -> None:
-  ok = value >= 0 if allow_zero else value > 0
-  if not ok:
-    bound = '>= 0' if allow_zero else '> 0'
-    raise ConfigError(f'config.{field}={value!r} is invalid: must be {bound}')
-
-
-def _integer(field: str, value, minimum: int) -> None:
-  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-    raise ConfigError(f'config.{field}={value!r} is invalid: must be an '
-                      f'integer >= {minimum}')
-
-
-def _methods() -> tuple[str, ...]:
-  """The names config.method may take (the method registry, if present)."""
-  try:
-    # pylint: disable-next=g-import-not-at-top
-    from simclr_jax.methods import METHODS
-  except ImportError:
-    return ('simclr',)
-  return tuple(sorted(METHODS))
-
-
-def uses_cifar_stem(config: ml_collections.ConfigDict) -> bool:
-  """REFERENCE §2: the CIFAR stem for images of size <= 32."""
-  if config.model.stem == 'auto':
-    return config.dataset.image_size <= 32
-  return config.model.stem == 'cifar'
+GRAD_CACHE_BN = ('per_chunk', 'frozen')
 
 
 def validate(config: ml_collections.ConfigDict, *, num_devices: int,
@@ -65,38 +27,45 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
   """Raises ConfigError for the first invalid field."""
   from simclr_jax.data import datasets  # pylint: disable=g-import-not-at-top
 
-  _choice('dataset.name', config.dataset.name,
-          tuple(datasets.KNOWN_DATASETS))
-  _choice('model.depth', config.model.depth, DEPTHS)
-  _choice('model.stem', config.model.stem, STEMS)
-  _choice('model.compute_dtype', config.model.compute_dtype, DTYPES)
-  _choice('augment.backend', config.augment.backend, BACKENDS)
-  _choice('optim.name', config.optim.name, OPTIMIZERS)
-  _choice('optim.lr_scaling', config.optim.lr_scaling, LR_SCALINGS)
-  _choice('on_nan', config.on_nan, ON_NAN)
-  _choice('dataset.on_corrupt', config.dataset.get('on_corrupt', 'skip'),
-          ON_CORRUPT)
-  _choice('method', config.method, _methods())
-  _positive('model.width_multiplier', config.model.width_multiplier)
-  _positive('model.proj_out_dim', config.model.proj_out_dim)
-  _positive('model.num_proj_layers', config.model.num_proj_layers,
-            allow_zero=True)
-  _positive('model.sk_ratio', config.model.sk_ratio, allow_zero=True)
-  _positive('loss.temperature', config.loss.temperature)
-  _positive('optim.base_learning_rate', config.optim.base_learning_rate)
-  _positive('optim.weight_decay', config.optim.weight_decay, allow_zero=True)
-  _positive('optim.warmup_epochs', config.optim.warmup_epochs,
-            allow_zero=True)
-  _positive('augment.color_strength', config.augment.color_strength,
-            allow_zero=True)
-  if not 0.0 <= config.optim.momentum < 1.0:  # Also rejects NaN.
-    raise ConfigError(f'config.optim.momentum={config.optim.momentum!r} is '
-                      'invalid: must be in [0, 1)')
-  _integer('log_every_steps', config.log_every_steps, 1)
-  _integer('checkpoint_every_steps', config.checkpoint_every_steps, 1)
-  _integer('keep_checkpoints', config.keep_checkpoints, 1)
-  _integer('train_steps', config.train_steps, 0)
-  _positive('num_epochs', config.num_epochs, allow_zero=True)
+  checks.choice('dataset.name', config.dataset.name,
+                datasets.KNOWN_DATASETS)
+  checks.choice('model.depth', config.model.depth, DEPTHS)
+  checks.choice('model.stem', config.model.stem, resnet.STEMS)
+  checks.choice('model.maxpool_padding',
+                config.model.get('maxpool_padding', 'torch'),
+                resnet.MAXPOOL_PADDINGS)
+  checks.choice('model.compute_dtype', config.model.compute_dtype,
+                resnet.COMPUTE_DTYPES)
+  checks.choice('augment.backend', config.augment.backend, BACKENDS)
+  checks.choice('optim.name', config.optim.name, OPTIMIZERS)
+  checks.choice('optim.lr_scaling', config.optim.lr_scaling, LR_SCALINGS)
+  checks.choice('on_nan', config.on_nan, ON_NAN)
+  checks.choice('dataset.on_corrupt',
+                config.dataset.get('on_corrupt', 'skip'), ON_CORRUPT)
+  checks.choice('method', config.method, sorted(methods.METHODS))
+  checks.positive('model.width_multiplier', config.model.width_multiplier)
+  checks.positive('model.proj_out_dim', config.model.proj_out_dim)
+  checks.positive('model.num_proj_layers', config.model.num_proj_layers,
+                  allow_zero=True)
+  checks.positive('model.sk_ratio', config.model.sk_ratio, allow_zero=True)
+  checks.positive('loss.temperature', config.loss.temperature)
+  checks.positive('optim.base_learning_rate', config.optim.base_learning_rate)
+  checks.positive('optim.weight_decay', config.optim.weight_decay,
+                  allow_zero=True)
+  checks.positive('optim.warmup_epochs', config.optim.warmup_epochs,
+                  allow_zero=True)
+  checks.positive('augment.color_strength', config.augment.color_strength,
+                  allow_zero=True)
+  checks.unit_interval('optim.momentum', config.optim.momentum)
+  area = config.augment.finetune_crop_min_area
+  if not 0.0 < area <= 1.0:  # Also rejects NaN.
+    raise ConfigError(f'config.augment.finetune_crop_min_area={area!r} is '
+                      'invalid: must be in (0, 1]')
+  checks.integer('log_every_steps', config.log_every_steps, 1)
+  checks.integer('checkpoint_every_steps', config.checkpoint_every_steps, 1)
+  checks.integer('keep_checkpoints', config.keep_checkpoints, 1)
+  checks.integer('train_steps', config.train_steps, 0)
+  checks.positive('num_epochs', config.num_epochs, allow_zero=True)
   if config.train_steps <= 0 and config.num_epochs <= 0:
     raise ConfigError(
         f'config.num_epochs={config.num_epochs} and config.train_steps='
@@ -111,17 +80,18 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
         f'than training (config.num_epochs={config.num_epochs}): must be <= '
         'num_epochs')
   if 'debug' in config:
-    _integer('debug.inject_nan_at_step', config.debug.inject_nan_at_step, -1)
-  _integer('dataset.raw_size', config.dataset.raw_size, 0)
-  _integer('dataset.prefetch', config.dataset.prefetch, 0)
-  _positive('dataset.shuffle_buffer_multiplier',
-            config.dataset.shuffle_buffer_multiplier)
-  _integer('eval.knn_k', config.eval.knn_k, 1)
-  _positive('eval.knn_temperature', config.eval.knn_temperature)
-  _integer('eval.batch_size', config.eval.batch_size, 1)
-  _integer('eval.fewshot_draws', config.eval.fewshot_draws, 1)
+    checks.integer('debug.inject_nan_at_step',
+                   config.debug.inject_nan_at_step, -1)
+  checks.integer('dataset.raw_size', config.dataset.raw_size, 0)
+  checks.integer('dataset.prefetch', config.dataset.prefetch, 0)
+  checks.positive('dataset.shuffle_buffer_multiplier',
+                  config.dataset.shuffle_buffer_multiplier)
+  checks.integer('eval.knn_k', config.eval.knn_k, 1)
+  checks.positive('eval.knn_temperature', config.eval.knn_temperature)
+  checks.integer('eval.batch_size', config.eval.batch_size, 1)
+  checks.integer('eval.fewshot_draws', config.eval.fewshot_draws, 1)
   for shots in config.eval.fewshot_shots:
-    _integer('eval.fewshot_shots', shots, 1)
+    checks.integer('eval.fewshot_shots', shots, 1)
   finetune = config.get('finetune')
   if finetune is not None and 'label_fraction' in finetune:
     if not 0.0 < finetune.label_fraction <= 1.0:  # Also rejects NaN.
@@ -132,9 +102,10 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
   # The ImageNet stem and four stages downsample by 32; below that the
   # last stage would see an empty feature map.
   size = config.dataset.image_size
-  min_size = 8 if uses_cifar_stem(config) else 32
+  cifar = resnet.uses_cifar_stem(config.model, size)
+  min_size = 8 if cifar else 32
   if size < min_size:
-    stem = 'cifar' if uses_cifar_stem(config) else 'imagenet'
+    stem = 'cifar' if cifar else 'imagenet'
     raise ConfigError(
         f'config.dataset.image_size={size} is too small for the {stem} stem: '
         f'must be >= {min_size}')
@@ -151,8 +122,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
   # Gradient caching: every chunk must still be sharded evenly over the
   # devices (grad_cache.py interleaves chunks across them).
   chunks = config.get('grad_cache_chunks', 0)
-  _choice('grad_cache_bn', config.get('grad_cache_bn', 'per_chunk'),
-          ('per_chunk', 'frozen'))
+  checks.choice('grad_cache_bn', config.get('grad_cache_bn', 'per_chunk'),
+                GRAD_CACHE_BN)
   if not isinstance(chunks, int) or chunks < 0:
     raise ConfigError(f'config.grad_cache_chunks={chunks!r} is invalid: '
                       'must be an integer >= 0 (0 = off)')
@@ -166,61 +137,133 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
 
 
 def _validate_method(config: ml_collections.ConfigDict) -> None:
-  """Settings of the method config.method selects (REFERENCE §6)."""
-  method, b = config.method, config.batch_size
-  if method in ('moco_v2', 'moco_v3', 'byol'):
-    section = {'moco_v2': 'moco', 'moco_v3': 'mocov3', 'byol': 'byol'}[method]
-    m = config[section].momentum
-    if not 0.0 <= m < 1.0:
-      raise ConfigError(f'config.{section}.momentum={m!r} is invalid: must be '
-                        'in [0, 1)')
-    if section != 'moco':
-      _integer(f'{section}.predictor_hidden_dim',
-               config[section].predictor_hidden_dim, 1)
-  if method == 'moco_v2':
-    k = config.moco.queue_size
-    _integer('moco.queue_size', k, 1)
-    if k % (2 * b):
-      raise ConfigError(
-          f'config.moco.queue_size={k} must be a multiple of 2 x batch_size '
-          f'= {2 * b} (both views\' keys are enqueued each step)')
-  if method == 'swav':
-    _integer('swav.num_prototypes', config.swav.num_prototypes, 2)
-    _integer('swav.sinkhorn_iterations', config.swav.sinkhorn_iterations, 1)
-    _positive('swav.epsilon', config.swav.epsilon)
-    _integer('swav.freeze_prototypes_steps',
-             config.swav.freeze_prototypes_steps, 0)
-  if method == 'instdisc':
-    _integer('instdisc.num_negatives', config.instdisc.num_negatives, 1)
-    m = config.instdisc.bank_momentum
-    if not 0.0 <= m < 1.0:
-      raise ConfigError(f'config.instdisc.bank_momentum={m!r} is invalid: '
-                        'must be in [0, 1)')
-  if method == 'hcl':
-    _positive('hcl.beta', config.hcl.beta, allow_zero=True)
-    t = config.hcl.tau_plus
-    if not 0.0 <= t < 1.0:
-      raise ConfigError(f'config.hcl.tau_plus={t!r} is invalid: must be in '
-                        '[0, 1)')
-  if method in ('triplet', 'contrastive_margin'):
-    _positive('margin.margin', config.margin.margin)
-  if config.get('grad_cache_chunks', 0) and method in (
-      'moco_v2', 'moco_v3', 'byol', 'swav', 'instdisc'):
+  """The settings of the method config.method selects; each method owns them."""
+  cls = methods.METHODS[config.method]
+  cls.validate(config)
+  chunks = config.get('grad_cache_chunks', 0)
+  if chunks and not cls.supports_grad_cache:
+    supported = ', '.join(sorted(n for n, m in methods.METHODS.items()
+                                 if m.supports_grad_cache))
     raise ConfigError(
-        f'config.grad_cache_chunks={config.grad_cache_chunks} is not supported '
-        f'for method={method!r}: its loss needs more than the projections; '
-        'use 0, or simclr, hcl, supcon, triplet or contrastive_margin')
+        f'config.grad_cache_chunks={chunks} is not supported for '
+        f'method={config.method!r}: its loss needs more than the projections; '
+        f'use 0, or one of {supported}')
+
+
+def _recipe_files() -> list[str]:
+  """The recipes shipped in configs/ and configs/methods/, as paths to type
+  (relative to the current directory where they lie under it)."""
+  import os  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))))
+  found = []
+  for sub in ('configs', os.path.join('configs', 'methods')):
+    folder = os.path.join(root, sub)
+    if os.path.isdir(folder):
+      found += [os.path.join(folder, f) for f in sorted(os.listdir(folder))
+                if f.endswith('.py') and not f.startswith('_')]
+  shown = []
+  for path in found:
+    rel = os.path.relpath(path)
+    shown.append(path if rel.startswith('..') else rel)
+  return shown
+
+
+def _config_flag_value(argv: list[str]) -> str | None:
+  """The value of --config=PATH[:ARG] (or `--config PATH`) in argv."""
+  args = list(argv[1:])
+  for i, arg in enumerate(args):
+    if arg == '--':
+      break
+    if arg in ('--config', '-config'):
+      return args[i + 1] if i + 1 < len(args) else None
+    for prefix in ('--config=', '-config='):
+      if arg.startswith(prefix):
+        return arg[len(prefix):]
+  return None
+
+
+def _one_line(e: BaseException) -> str:
+  text = ' '.join(str(e).split())
+  return f'{type(e).__name__}: {text}' if text else type(e).__name__
+
+
+def _where(e: BaseException, path: str) -> str:
+  """' (line N)' of the deepest frame of e's traceback inside path."""
+  import os  # pylint: disable=g-import-not-at-top
+  import traceback  # pylint: disable=g-import-not-at-top
+  target = os.path.abspath(path)
+  lines = [f.lineno for f in traceback.extract_tb(e.__traceback__)
+           if f.filename and os.path.abspath(f.filename) == target]
+  if isinstance(e, SyntaxError) and e.filename and (
+      os.path.abspath(e.filename) == target):
+    return ''  # Its message already names the line.
+  return f' (line {lines[-1]})' if lines else ''
+
+
+def check_recipe(value: str) -> str | None:
+  """Why --config=value cannot give a config (one line), or None if it can.
+
+  Loads the recipe the way ml_collections will (which would otherwise defer a
+  missing file to a traceback at first use, and print a traceback for a
+  recipe that raises), and calls its get_config. Recipes are cheap, pure
+  functions, so running one twice costs milliseconds.
+  """
+  import difflib  # pylint: disable=g-import-not-at-top
+  import importlib.machinery  # pylint: disable=g-import-not-at-top
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  path, has_arg, arg = value.partition(':')
+  if not os.path.isfile(path):
+    recipes = _recipe_files()
+    close = difflib.get_close_matches(path, recipes, n=1, cutoff=0.8)
+    hint = f'did you mean {close[0]}? ' if close else ''
+    listing = ', '.join(recipes) if recipes else '(none found)'
+    what = ('names no file' if not path else f'recipe file {path} is a '
+            'directory' if os.path.isdir(path) else
+            f'recipe file {path} does not exist')
+    return (f'--config={value}: {what}; {hint}'
+            f'recipes: {listing}')
+  try:
+    loader = importlib.machinery.SourceFileLoader('_simclr_jax_recipe', path)
+    spec = importlib.util.spec_from_loader(loader.name, loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+  except Exception as e:  # pylint: disable=broad-except
+    return (f'--config={value}: recipe {path} failed to load{_where(e, path)}'
+            f': {_one_line(e)}')
+  get_config = getattr(module, 'get_config', None)
+  if not callable(get_config):
+    return (f'--config={value}: recipe {path} defines no get_config() '
+            'function')
+  call = f'get_config({arg!r})' if has_arg else 'get_config()'
+  try:
+    config = get_config(*([arg] if has_arg else []))
+  except Exception as e:  # pylint: disable=broad-except
+    return (f'--config={value}: {call} of {path} failed{_where(e, path)}: '
+            f'{_one_line(e)}')
+  if config is None:
+    return f'--config={value}: {call} of {path} returned None'
+  return None
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl flags parser for main: an unknown --config.* field is one line.
+  """absl flags parser for main (and the benchmark): config errors are one line.
 
+  A --config recipe that is missing, fails to import, lacks get_config or
+  raises in it is reported by check_recipe before ml_collections loads it
+  (ml_collections defers a missing file to a traceback at first use).
   ml_collections rejects an override of a field the config does not have
   (good: a typo must not be silently ignored) but raises it as a traceback
   out of flag parsing; this prints `error: ...` and exits 2 like every other
   config error. Other flag errors keep absl's own one-line message.
   """
   from absl import app  # pylint: disable=g-import-not-at-top
+  value = _config_flag_value(argv)
+  problem = check_recipe(value) if value is not None else None
+  if problem:
+    print(f'error: {problem}', file=sys.stderr)
+    sys.exit(2)
   try:
     return app.parse_flags_with_usage(argv)
   except (AttributeError, KeyError) as e:

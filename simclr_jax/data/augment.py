@@ -1,4 +1,4 @@
-"""SimCLR data augmentation (REFERENCE §4), for tf.data and for on-device JAX.
+"""SimCLR augmentation (docs/algorithms.md), for tf.data and on-device JAX.
 
 Per view, in the reference's order: convert to float in [0, 1]; random
 crop (sample_distorted_bounding_box, area 0.08-1, aspect 3/4-4/3, min object
@@ -10,7 +10,7 @@ random order) then grayscale p=0.2; clip; Gaussian blur p=0.5.
   augment.jax_views(rng, images, size=224, color_strength=1.0, blur=True)
 
 The tf_* functions import TensorFlow on first call only, so the package (and
-the JAX path) work where TensorFlow is not installed (DESIGN.md, Input).
+the JAX path) work where TensorFlow is not installed.
 """
 
 from typing import Any
@@ -58,6 +58,8 @@ def tf_eval(image: Any, size: int) -> Any:
   return _tf_backend().tf_eval(image, size)
 
 
-def tf_finetune_view(image: Any, size: int, seed: Any = None) -> Any:
+def tf_finetune_view(image: Any, size: int, seed: Any = None,
+                     crop_min_area: float = 0.08, flip: bool = True) -> Any:
   """Crop + flip only, for fine-tuning and linear evaluation."""
-  return _tf_backend().tf_finetune_view(image, size, seed)
+  return _tf_backend().tf_finetune_view(image, size, seed, crop_min_area,
+                                        flip)

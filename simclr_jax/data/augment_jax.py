@@ -1,12 +1,12 @@
 """SimCLR augmentations in JAX, for on-device input processing.
 
-Mirrors the tf.data pipeline of `augment_tf` (REFERENCE §4) with one code path:
-sample explicit random parameters (`sample_view_params`), then apply them
-(`apply_view`). Both are written for ONE image and vmapped over the batch, so
-everything is static-shaped, branch-free (`jnp.where` selects) and jit-able
-inside the train step with no host sync. Importing this module must not import
-TensorFlow (accelerator hosts may lack it; see DESIGN.md), which is also why the
-backend-neutral constants and parameter types live here.
+Mirrors the tf.data pipeline of `augment_tf` (docs/algorithms.md#augmentation)
+with one code path: sample explicit random parameters (`sample_view_params`),
+then apply them (`apply_view`). Both are written for ONE image and vmapped over
+the batch, so everything is static-shaped, branch-free (`jnp.where` selects)
+and jit-able inside the train step with no host sync. Importing this module
+must not import TensorFlow (accelerator hosts may lack it), which is also why
+the backend-neutral constants and parameter types live here.
 """
 
 import functools
@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-# REFERENCE §4 constants, shared with augment_tf.
+# Constants of docs/algorithms.md#augmentation, shared with augment_tf.
 CROP_AREA_RANGE = (0.08, 1.0)
 # Reference crop_and_resize(image, height, width) uses (3/4, 4/3) times the
 # OUTPUT width/height; outputs here are square, so the range is (3/4, 4/3).
@@ -88,7 +88,8 @@ def _uniform_int(u: jax.Array, m: jax.Array) -> jax.Array:
   return jnp.minimum(jnp.floor(u * m).astype(jnp.int32), m - 1)
 
 
-def sample_crop_box(key: jax.Array, height: int, width: int) -> CropBox:
+def sample_crop_box(key: jax.Array, height: int, width: int,
+                    min_area: float = CROP_AREA_RANGE[0]) -> CropBox:
   """Samples a crop exactly like TF's sample_distorted_bounding_box kernel.
 
   The C++ kernel tries up to 100 times: aspect ratio r ~ U(range); integer
@@ -106,6 +107,8 @@ def sample_crop_box(key: jax.Array, height: int, width: int) -> CropBox:
     key: PRNG key for one image.
     height: static image height H.
     width: static image width W.
+    min_area: smallest crop area as a fraction of the image (0.08 in the
+      reference; downstream recipes for tiny images may raise it).
 
   Returns:
     CropBox of int32 scalars.
@@ -119,7 +122,7 @@ def sample_crop_box(key: jax.Array, height: int, width: int) -> CropBox:
   lo_ratio, hi_ratio = CROP_ASPECT_RANGE
   ratio = u_ratio * f32(hi_ratio - lo_ratio) + f32(lo_ratio)
   # Same float32 operation order as the kernel: (frac * W) * H.
-  min_area = f32(CROP_AREA_RANGE[0]) * width * height
+  min_area = f32(min_area) * width * height
   max_area = f32(CROP_AREA_RANGE[1]) * width * height
 
   def lrint(v):  # lrintf rounds half to even, as jnp.round does.
@@ -197,7 +200,7 @@ def crop_and_resize(image: jax.Array, box: CropBox, size: int) -> jax.Array:
 
 
 def sample_color_params(key: jax.Array, strength: float) -> ColorParams:
-  """Draws the reference's colour-jitter randomness (REFERENCE §4 step 4).
+  """Colour-jitter randomness of docs/algorithms.md#augmentation, step 4.
 
   Strength 0 turns jitter off (the reference skips each op whose strength is
   0), but grayscale is still drawn with p = 0.2, as in the reference.
@@ -383,7 +386,7 @@ def sample_view_params(key: jax.Array, height: int, width: int,
 
 
 def apply_view(image: jax.Array, params: ViewParams, size: int) -> jax.Array:
-  """REFERENCE §4 steps 1-6 for one (H, W, 3) image with explicit params."""
+  """Steps 1-6 of docs/algorithms.md#augmentation for one (H, W, 3) image."""
   image = _chw(crop_and_resize(to_float(image), params.crop, size))
   image = jnp.where(params.flip, image[:, :, ::-1], image)
   image = _apply_color_chw(image, params.color)
@@ -447,15 +450,22 @@ def jax_views(rng: jax.Array, images: jax.Array, size: int = 224,
   return apply_views(images, params, size)
 
 
-@functools.partial(jax.jit, static_argnames=('size',))
-def jax_finetune_views(rng: jax.Array, images: jax.Array,
-                       size: int) -> jax.Array:
-  """Crop + flip only (reference fine-tuning / linear-eval preprocessing)."""
+@functools.partial(jax.jit, static_argnames=('size', 'crop_min_area', 'flip'))
+def jax_finetune_views(rng: jax.Array, images: jax.Array, size: int,
+                       crop_min_area: float = CROP_AREA_RANGE[0],
+                       flip: bool = True) -> jax.Array:
+  """Crop + flip only (reference fine-tuning / linear-eval preprocessing).
+
+  `crop_min_area` and `flip` default to the reference's (0.08, flip); small
+  images such as 8x8 digits lose their class to such crops and to mirroring,
+  so their recipe sets gentler values (config.augment.finetune_*).
+  """
   n, height, width = images.shape[:3]
   k_crop, k_flip = jax.random.split(rng)
-  boxes = jax.vmap(lambda k: sample_crop_box(k, height, width))(
+  boxes = jax.vmap(lambda k: sample_crop_box(k, height, width,
+                                             crop_min_area))(
       jax.random.split(k_crop, n))
-  flips = jax.random.uniform(k_flip, (n,)) < FLIP_PROB
+  flips = jax.random.uniform(k_flip, (n,)) < (FLIP_PROB if flip else 0.0)
   boxes, flips = _materialize((boxes, flips))
 
   def one(image, box, flip):

@@ -1,12 +1,13 @@
 """SimCLR augmentations as TensorFlow ops, for tf.data input pipelines.
 
-REFERENCE §4, written with stateless random ops driven by one shape-[2] seed
-per view, so a deterministic pipeline (seeds from the dataset) and the default
-one (seed drawn from tf.random) share a single code path. As in augment_jax the
-randomness is sampled explicitly (`sample_view_params`) and then applied
-(`apply_view`), which lets tests check both backends draw the same
-distributions and turn the same draws into the same pixels. All ops are graph
-friendly for Dataset.map(num_parallel_calls=AUTOTUNE).
+The steps of docs/algorithms.md#augmentation, written with stateless random ops
+driven by one shape-[2] seed per view, so a deterministic pipeline (seeds from
+the dataset) and the default one (seed drawn from tf.random) share a single
+code path. As in augment_jax the randomness is sampled explicitly
+(`sample_view_params`) and then applied (`apply_view`), which lets tests check
+both backends draw the same distributions and turn the same draws into the same
+pixels. All ops are graph friendly for
+Dataset.map(num_parallel_calls=AUTOTUNE).
 """
 
 import tensorflow as tf
@@ -36,7 +37,8 @@ def to_float(image: tf.Tensor) -> tf.Tensor:
   return tf.image.convert_image_dtype(image, tf.float32)
 
 
-def sample_crop_box(seed: tf.Tensor, height, width) -> CropBox:
+def sample_crop_box(seed: tf.Tensor, height, width,
+                    min_area: float = aj.CROP_AREA_RANGE[0]) -> CropBox:
   """The reference's distorted_bounding_box_crop window (whole-image object)."""
   begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
       tf.stack([height, width, 3]),
@@ -44,7 +46,7 @@ def sample_crop_box(seed: tf.Tensor, height, width) -> CropBox:
       seed=seed,
       min_object_covered=aj.CROP_MIN_OBJECT_COVERED,
       aspect_ratio_range=aj.CROP_ASPECT_RANGE,
-      area_range=aj.CROP_AREA_RANGE,
+      area_range=(min_area, aj.CROP_AREA_RANGE[1]),
       max_attempts=aj.CROP_MAX_ATTEMPTS,
       use_image_if_no_bounding_boxes=True)
   begin = tf.cast(begin, tf.int32)
@@ -156,7 +158,7 @@ def sample_view_params(seed: tf.Tensor, height, width,
 
 
 def apply_view(image: tf.Tensor, params: ViewParams, size: int) -> tf.Tensor:
-  """REFERENCE §4 steps 1-6 with explicit params."""
+  """Steps 1-6 of docs/algorithms.md#augmentation with explicit params."""
   image = crop_and_resize(to_float(image), params.crop, size)
   image = tf.cond(params.flip, lambda: tf.image.flip_left_right(image),
                   lambda: image)
@@ -181,14 +183,20 @@ def tf_view(image: tf.Tensor, size: int = 224, color_strength: float = 1.0,
 
 
 def tf_finetune_view(image: tf.Tensor, size: int,
-                     seed: tf.Tensor | None = None) -> tf.Tensor:
-  """Crop + flip only (reference preprocess_for_train, color_distort=False)."""
+                     seed: tf.Tensor | None = None,
+                     crop_min_area: float = aj.CROP_AREA_RANGE[0],
+                     flip: bool = True) -> tf.Tensor:
+  """Crop + flip only (reference preprocess_for_train, color_distort=False).
+
+  `crop_min_area` and `flip` as in augment_jax.jax_finetune_views.
+  """
   seed = _default_seed() if seed is None else seed
   s_crop, s_flip = _split(seed, 2)
   height, width = _image_hw(image)
   image = crop_and_resize(to_float(image),
-                          sample_crop_box(s_crop, height, width), size)
-  image = tf.cond(_uniform(s_flip) < aj.FLIP_PROB,
+                          sample_crop_box(s_crop, height, width,
+                                          crop_min_area), size)
+  image = tf.cond(_uniform(s_flip) < (aj.FLIP_PROB if flip else 0.0),
                   lambda: tf.image.flip_left_right(image), lambda: image)
   return tf.ensure_shape(tf.clip_by_value(image, 0.0, 1.0), [size, size, 3])
 

@@ -1,7 +1,7 @@
 """Labelled training streams and label fractions for the downstream modes.
 
 Linear evaluation, fine-tuning and distillation train on labelled images with
-crop + flip only (REFERENCE §4). Two sources:
+crop + flip only (docs/algorithms.md#evaluation-preprocessing). Two sources:
 
   * Arrays (digits, synthetic, CIFAR, STL-10: anything that fits in host
     memory): the split's raw uint8 images at dataset.raw_size, yielded as
@@ -13,10 +13,10 @@ crop + flip only (REFERENCE §4). Two sources:
     augment.tf_finetune_view, yielding {'views': float32 (b, S, S, 3),
     'labels'}.
 
-Label fractions (REFERENCE §5): ImageNet uses the official TFDS subsets
-`imagenet2012_subset/1pct` and `/10pct`; every other dataset a seeded,
-class-stratified fraction of its training split (`label_subset`). The
-evaluation split is never read for training.
+Label fractions (docs/algorithms.md#fine-tuning-on-label-fractions): ImageNet
+uses the official TFDS subsets `imagenet2012_subset/1pct` and `/10pct`; every
+other dataset a seeded, class-stratified fraction of its training split
+(`label_subset`). The evaluation split is never read for training.
 
 Batches are host-local (global batch / process count rows, process p taking
 rows [p*b, (p+1)*b) of each global batch), for parallel.prefetch_to_mesh.
@@ -96,23 +96,32 @@ def load_labelled_arrays(config: ml_collections.ConfigDict,
   return images[idx], labels[idx].astype(np.int32), idx
 
 
-def index_stream(num_examples: int, global_batch: int, seed: int
-                 ) -> Iterator[np.ndarray]:
+def _epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+  return np.random.default_rng([int(seed) % (1 << 32), epoch]).permutation(
+      num_examples)
+
+
+def index_stream(num_examples: int, global_batch: int, seed: int,
+                 start_step: int = 0) -> Iterator[np.ndarray]:
   """Endless global batches of example indices, one permutation per epoch.
 
   Batches run across epoch boundaries instead of dropping a remainder, so a
   small labelled subset (10% of digits is 144 images) is used whole every
   epoch, and a batch larger than the subset still works. Epoch e's order is
-  a function of (seed, e) only.
+  a function of (seed, e) only, so the stream of a run resumed at
+  `start_step` continues exactly where the uninterrupted one was: batch k
+  covers positions [k*B, (k+1)*B) of the concatenated epoch orders.
   """
   if num_examples <= 0:
     raise ValueError('the labelled training set is empty')
-  epoch = 0
-  pending = np.zeros((0,), np.int64)
+  position = start_step * global_batch
+  epoch = position // num_examples
+  pending = _epoch_order(seed, epoch, num_examples)[position % num_examples:]
+  epoch += 1
   while True:
     while pending.size < global_batch:
-      order = np.random.default_rng([int(seed) % (1 << 32), epoch])
-      pending = np.concatenate([pending, order.permutation(num_examples)])
+      pending = np.concatenate(
+          [pending, _epoch_order(seed, epoch, num_examples)])
       epoch += 1
     yield pending[:global_batch]
     pending = pending[global_batch:]
@@ -120,18 +129,19 @@ def index_stream(num_examples: int, global_batch: int, seed: int
 
 def array_batches(images: np.ndarray, labels: np.ndarray, *,
                   global_batch: int, seed: int, process_index: int = 0,
-                  process_count: int = 1) -> Iterator[Batch]:
+                  process_count: int = 1, start_step: int = 0
+                  ) -> Iterator[Batch]:
   """Host-local raw batches from in-memory arrays (augmented on device)."""
   local = global_batch // process_count
   lo = process_index * local
-  for idx in index_stream(len(labels), global_batch, seed):
+  for idx in index_stream(len(labels), global_batch, seed, start_step):
     rows = idx[lo:lo + local]
     yield {'images': images[rows], 'labels': labels[rows].astype(np.int32)}
 
 
 def tfds_batches(config: ml_collections.ConfigDict, name: str, split: str, *,
                  global_batch: int, seed: int, process_index: int = 0,
-                 process_count: int = 1,
+                 process_count: int = 1, start_step: int = 0,
                  with_labels: bool = True) -> Iterator[Batch]:
   """Host-local crop + flip views streamed from a TFDS split with tf.data.
 
@@ -152,15 +162,20 @@ def tfds_batches(config: ml_collections.ConfigDict, name: str, split: str, *,
   ds = builder.as_dataset(split=part, shuffle_files=True,
                           read_config=tfds.ReadConfig(shuffle_seed=seed))
   buffer = max(1, int(config.dataset.shuffle_buffer_multiplier) * local)
-  ds = ds.repeat().shuffle(buffer, seed=seed).enumerate()
+  # Skipping before the map keeps each view's seed (its stream position), so
+  # a run resumed at `start_step` sees the batches the uninterrupted run saw.
+  ds = ds.repeat().shuffle(buffer, seed=seed).enumerate().skip(
+      start_step * local)
   process_seed = int(seed) * 1000003 + process_index
 
   def fn(i, ex):
     view_seed = tf.stack([tf.constant(process_seed, tf.int64), i])
     label = (tf.cast(ex['label'], tf.int32) if with_labels
              else tf.constant(-1, tf.int32))
-    return {'views': augment.tf_finetune_view(ex['image'], size,
-                                              seed=view_seed),
+    return {'views': augment.tf_finetune_view(
+        ex['image'], size, seed=view_seed,
+        crop_min_area=config.augment.finetune_crop_min_area,
+        flip=config.augment.finetune_flip),
             'labels': label}
 
   ds = ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
@@ -174,7 +189,8 @@ def eval_chunks(config: ml_collections.ConfigDict, split: str | None = None
 
   In-memory datasets come as one chunk; TFDS ones in chunks of
   _EVAL_CHUNK, so a 50k-image ImageNet validation set is never held whole.
-  Images get the evaluation preprocessing (REFERENCE §4).
+  Images get the evaluation preprocessing
+  (docs/algorithms.md#evaluation-preprocessing).
   """
   split = config.dataset.eval_split if split is None else split
   name = config.dataset.name

@@ -41,8 +41,9 @@ from simclr_jax.data import datasets
 DatasetError = datasets.DatasetError
 Batch = dict[str, np.ndarray]
 
-# REFERENCE §4: evaluation keeps the central 87.5% of the shorter side, except
-# for images of 32 px or less, which are used whole.
+# Evaluation keeps the central 87.5% of the shorter side, except for images of
+# 32 px or less, which are used whole
+# (docs/algorithms.md#evaluation-preprocessing).
 _EVAL_CROP_FRACTION = 0.875
 _EVAL_NO_CROP_MAX_SIDE = 32
 # Examples per tf.data batch when materialising evaluation arrays.
@@ -417,7 +418,7 @@ def _tfds_stream(*, config, process_index, process_count, start_step,
 def _numpy_eval_images(images: np.ndarray, size: int) -> np.ndarray:
   """Evaluation preprocessing of in-memory uint8 images, without TensorFlow.
 
-  Same rule as the reference (REFERENCE §4): whole image up to 32 px, else the
+  Same rule as the released SimCLR code: whole image up to 32 px, else the
   central 87.5%, resized to `size`; floats in [0, 1], no normalisation.
   """
   side = images.shape[1]

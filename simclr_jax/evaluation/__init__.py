@@ -1,11 +1,11 @@
 """Frozen-feature evaluation: linear and few-shot probes, kNN, extraction.
 
-The pretraining job reads its representation out three ways (DESIGN.md,
-results.json): an all-label linear probe, few-shot probes (1/5/10 labels per
-class, mean over seeded draws) and the InstDisc kNN monitor. It does so for
+The pretraining job reads its representation out three ways (the README's
+results.json fields): an all-label linear probe, few-shot probes (1/5/10 labels
+per class, mean over seeded draws) and the InstDisc kNN monitor. It does so for
 the pretrained and for a randomly initialised encoder, because on small
-datasets such as digits the all-label probe is near its ceiling even at
-random init and only the comparison shows what pretraining bought.
+datasets such as digits the all-label probe is near its ceiling even at random
+init and only the comparison shows what pretraining bought.
 """
 
 from typing import Sequence
@@ -47,7 +47,7 @@ def evaluate_features(train_x: np.ndarray, train_y: np.ndarray,
     train_y: (n_train,) integer labels.
     test_x: (n_test, d) features of the test split.
     test_y: (n_test,) integer labels.
-    knn_k: kNN neighbours (200 for CIFAR, 20 for ImageNet; REFERENCE.md §5).
+    knn_k: kNN neighbours (200 CIFAR, 20 ImageNet; docs/algorithms.md).
     knn_temperature: kNN weight temperature (0.1).
     shots: labelled examples per class for the few-shot probes.
     draws: seeded draws averaged per shot count.

@@ -1,14 +1,15 @@
 """Weighted k-nearest-neighbour classification of frozen features.
 
-This is the kNN monitor of InstDisc (Wu et al. 2018) that the SimCLR family of
-libraries reports (REFERENCE.md §5): features are L2-normalised, each test
-point takes the k training points of highest cosine similarity s, every
-neighbour votes for its class with weight exp(s / temperature), and the class
-with the largest summed weight wins. k = 200 (CIFAR) or 20, temperature 0.1.
+This is the kNN monitor of InstDisc (Wu et al. 2018, Sec. 3.4) that the SimCLR
+family of libraries reports (docs/algorithms.md#knn-monitor): features are
+L2-normalised, each test point takes the k training points of highest cosine
+similarity s, every neighbour votes for its class with weight
+exp(s / temperature), and the class with the largest summed weight wins.
+k = 200 (CIFAR) or 20, temperature 0.1.
 
 It needs no training, so it is a cheap, hyperparameter-light read-out of how
 well the representation clusters classes, and it shows pretraining gains
-where the all-label linear probe is saturated (DESIGN.md, digits).
+where the all-label linear probe is saturated (docs/benchmarks.md, digits).
 
 The work runs in jax.numpy on the default device, in fixed-size chunks of
 test points so that memory is bounded by batch_size x n_train similarities

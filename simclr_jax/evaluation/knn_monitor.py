@@ -3,9 +3,10 @@
 Every `config.eval.eval_every_epochs` epochs the pretraining loop featurises
 the (evaluation-preprocessed) training and test splits with the current
 encoder and scores the weighted kNN classifier of InstDisc on L2-normalised
-features (REFERENCE §5: k 200 CIFAR / 20 ImageNet, temperature 0.1). Unlike a
-linear probe it needs no training, so it can run every few epochs and shows
-when a run stops improving or collapses.
+features (k 200 CIFAR / 20 ImageNet, temperature 0.1;
+docs/algorithms.md#knn-monitor). Unlike a linear probe it needs no training,
+so it can run every few epochs and shows when a run stops improving or
+collapses.
 
 Each measurement is appended to workdir/knn_monitor.jsonl (process 0), so the
 history survives preemption and a resumed run reports all of it in
@@ -23,6 +24,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
+from simclr_jax.evaluation import readout
 from simclr_jax.runtime import paths
 
 _FILE = 'knn_monitor.jsonl'
@@ -63,32 +65,21 @@ class KnnMonitor:
     self._limit = int(c.eval.monitor_max_examples) or None
     self._load = lambda split: pipeline.load_eval_arrays(
         c, split, max_examples=self._limit)
-    model = setup.model
-    # Variables are an argument so they are not baked into the executable.
-    self._apply = jax.jit(
-        lambda v, x: model.apply(v, x, train=False)['features'])
+    self._apply = readout.feature_fn(setup.model)
 
   def due(self, step: int, total_steps: int) -> bool:
     """Whether to measure after `step` (the final step is the full eval's)."""
     return bool(self.every) and step % self.every == 0 and step < total_steps
 
-  def measure(self, step: int, state: Any) -> float:
+  def measure(self, step: int, variables: Any) -> float:
     """kNN top-1 on the test split; logs it and appends it to the history."""
-    from simclr_jax import evaluation  # pylint: disable=g-import-not-at-top
     c = self._setup.config
     if self._arrays is None:  # Loaded once, on first use.
       self._arrays = (self._load(c.dataset.train_split),
                       self._load(c.dataset.eval_split))
-    (train_x, train_y), (test_x, test_y) = self._arrays
-    variables = {'params': state.params, 'batch_stats': state.batch_stats}
-    train_f, test_f = (
-        evaluation.extract_features(self._apply, x, c.eval.batch_size,
-                                    mesh=self._setup.mesh, variables=variables)
-        for x in (train_x, test_x))
-    accuracy = evaluation.knn_accuracy(
-        train_f, train_y, test_f, test_y,
-        num_classes=self._setup.info.num_classes, k=c.eval.knn_k,
-        temperature=c.eval.knn_temperature)
+    accuracy = readout.knn_frozen(
+        self._apply, variables, *self._arrays, eval_config=c.eval,
+        num_classes=self._setup.info.num_classes, mesh=self._setup.mesh)
     epoch = step / self._setup.steps_per_epoch
     logging.info('kNN monitor at step %d (epoch %.2f): top-1 %.4f', step,
                  epoch, accuracy)
@@ -97,4 +88,4 @@ class KnnMonitor:
       paths.append_text(os.path.join(self._workdir, _FILE),
                         json.dumps({'step': step, 'epoch': epoch,
                                     'knn_accuracy': float(accuracy)}) + '\n')
-    return float(np.asarray(accuracy))
+    return accuracy

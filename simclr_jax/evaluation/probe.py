@@ -1,13 +1,14 @@
 """Linear and few-shot logistic-regression probes on frozen features.
 
 The reference's linear evaluation trains a linear head with SGD for 90-100
-epochs (REFERENCE.md §5); that is the `linear_eval` mode. The pretraining job
-needs a read-out that takes seconds, so it fits an L2-regularised multinomial
-logistic regression with L-BFGS on precomputed features instead, as the
-SimCLR paper does for its transfer linear evaluation (appendix B.8). The
-few-shot variant fits the same probe on a handful of labels per class, which
-is where pretraining shows on small datasets whose all-label probe is near
-its ceiling even at random init (DESIGN.md).
+epochs (Chen et al. 2020a, App. B.6); that is the `linear_eval` mode. The
+pretraining job needs a read-out that takes seconds, so it fits an
+L2-regularised multinomial logistic regression with L-BFGS on precomputed
+features instead, as the SimCLR paper does for its transfer linear evaluation
+(appendix B.8). The few-shot variant fits the same probe on a handful of labels
+per class, which is where pretraining shows on small datasets whose all-label
+probe is near its ceiling even at random init
+(docs/benchmarks.md#the-main-job-on-digits).
 """
 
 from typing import Sequence

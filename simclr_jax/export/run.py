@@ -30,10 +30,11 @@ from absl import logging
 from etils import epath
 
 from simclr_jax.runtime import checkpointing
-from simclr_jax.config import validation as config_validation
 from simclr_jax.runtime import paths as paths_lib  # `paths` is a local name below.
 from simclr_jax.export import flax_artifact
 from simclr_jax.export import torch_layout
+from simclr_jax.models import heads
+from simclr_jax.models import resnet
 
 TORCHVISION_MODES = ('auto', 'require', 'off')
 
@@ -78,14 +79,14 @@ def run_export(config: ml_collections.ConfigDict, workdir: str) -> dict:
   encoder_config = dict(
       depth=m.depth, width_multiplier=m.width_multiplier,
       sk_ratio=m.sk_ratio,
-      cifar_stem=config_validation.uses_cifar_stem(run_config),
+      cifar_stem=resnet.uses_cifar_stem(m, run_config.dataset.image_size),
       maxpool_padding=m.get('maxpool_padding', 'torch'))
   encoder = torch_layout.split_variables(variables, 'encoder')
   head, head_config = None, None
   if include_head and variables['params'].get('projection_head'):
     head = torch_layout.split_variables(variables, 'projection_head')
     # A fine-tuning run keeps only the first ft_proj_selector layers.
-    kept = sum(1 for k in head['params'] if k.startswith('dense'))
+    kept = heads.num_head_layers(head['params'])
     head_config = dict(num_layers=kept, out_dim=m.proj_out_dim)
     if kept < m.num_proj_layers:
       head_config['total_layers'] = m.num_proj_layers

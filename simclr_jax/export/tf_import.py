@@ -12,6 +12,17 @@ Reads both layouts the reference code produced:
     `model/resnet_model/block_groups/0/layers/0/projection_layers/0/conv2d/
     kernel/.ATTRIBUTES/VARIABLE_VALUE`, `.../_projection_head/linear_layers/
     {j}/{dense,bn_relu/bn}/...`, `.../supervised_head/linear_layer/dense/...`.
+  * TF2 SavedModels (the published `saved_model/` directories, written by
+    `build_saved_model` in tf2/run.py: a tf.Module holding `model` and
+    `trainable_variables_list`). Their `variables/variables` checkpoint keys
+    every variable by the first path to it in a breadth-first walk of the
+    object graph, which for most of them runs through a list of variables:
+    `trainable_variables_list/{i}/...`, or Keras's SavedModel-only lists
+    (`model/variables/{j}/...`) for the BN moving statistics. The names are
+    recovered from the checkpoint's own object graph
+    (`_CHECKPOINTABLE_OBJECT_GRAPH`), which stores every child edge: the
+    attribute path to each such variable (`model/resnet_model/...`) is what
+    the TF2 checkpoint stores (see `_attribute_names`).
 
 Both are mapped through one description of the reference network
 (`_encoder_slots`): for every conv and BN, in the order the reference creates
@@ -134,24 +145,103 @@ def _import_tf():
   return tf
 
 
+def _checkpoint_prefix(tf, path: str) -> str:
+  """The variables prefix of a SavedModel directory; other paths unchanged."""
+  path = path.rstrip('/')
+  if any(tf.io.gfile.exists(f'{path}/saved_model.{ext}')
+         for ext in ('pb', 'pbtxt')):
+    return f'{path}/variables/variables'
+  if tf.io.gfile.exists(f'{path}/variables.index'):  # saved_model/variables
+    return f'{path}/variables'
+  return path
+
+
+def _attribute_names(graph_bytes: bytes) -> dict[str, str]:
+  """Positional checkpoint keys -> attribute paths, from the object graph.
+
+  A SavedModel's checkpoint keys each variable by the first path to it in a
+  breadth-first walk from the root, and the SavedModel graph has extra edges
+  that checkpoints lack: the authors' `trainable_variables_list` at the
+  root, and Keras's `variables`, `trainable_variables`,
+  `non_trainable_variables` lists and `layers` on every layer, which Keras
+  lists before the attributes. So the stored key is e.g.
+  `trainable_variables_list/7` or `model/variables/12`, and the position
+  says nothing about which variable it is. The TrackableObjectGraph records
+  every child edge by local name, so the same variable node is also reached
+  through the model's attributes. This walks the graph breadth-first again
+  without entering lists of variables (nodes whose children are all
+  variables named by their positions) and, at each node, takes the `layers`
+  edge last: Keras's `layers` holds the sublayers also reachable as
+  attributes, but the reference's BlockGroup has an attribute `layers` of
+  its own, so it cannot be skipped. The first path found is then the
+  attribute path a `tf.train.Checkpoint(model=...)` stores.
+
+  Only keys whose parent is a list of variables are renamed; keys that are
+  attribute paths already (TF2 training checkpoints) are kept as stored.
+  """
+  # pylint: disable-next=g-import-not-at-top
+  from tensorflow.core.protobuf import trackable_object_graph_pb2 as pb
+  graph = pb.TrackableObjectGraph.FromString(graph_bytes)
+  nodes = graph.nodes
+  keys = {i: a.checkpoint_key for i, n in enumerate(nodes)
+          for a in n.attributes if a.name == 'VARIABLE_VALUE'}
+
+  def variable_list(i):
+    children = nodes[i].children
+    return bool(children) and all(
+        c.local_name.isdigit() and c.node_id in keys for c in children)
+
+  paths, queue = {0: ()}, [0]
+  for i in queue:  # Breadth-first; the queue grows as it is read.
+    children = sorted(nodes[i].children, key=lambda c: c.local_name == 'layers')
+    for child in children:
+      if child.node_id in paths or variable_list(child.node_id):
+        continue
+      paths[child.node_id] = paths[i] + (child.local_name,)
+      queue.append(child.node_id)
+
+  renamed = {}
+  for i, key in keys.items():
+    parts = key[:-len(_TF2_SUFFIX)].split('/') if key.endswith(
+        _TF2_SUFFIX) else None
+    if parts is None or i not in paths:
+      continue
+    node = 0  # Walk the stored key to its parent node.
+    for part in parts[:-1]:
+      node = next((c.node_id for c in nodes[node].children
+                   if c.local_name == part), None)
+      if node is None:
+        break
+    if node is not None and variable_list(node):
+      renamed[key] = '/'.join(paths[i]) + _TF2_SUFFIX
+  return renamed
+
+
 class _Reader:
   """Checkpoint tensors by normalised name; tracks which were used."""
 
   def __init__(self, path: str):
     tf = _import_tf()
-    reader = tf.train.load_checkpoint(path)
+    reader = tf.train.load_checkpoint(_checkpoint_prefix(tf, path))
     self._reader = reader
     self.tf2 = any(_TF2_SUFFIX in n for n in reader.get_variable_to_shape_map())
+    renamed = {}
+    if self.tf2 and reader.has_tensor('_CHECKPOINTABLE_OBJECT_GRAPH'):
+      renamed = _attribute_names(
+          reader.get_tensor('_CHECKPOINTABLE_OBJECT_GRAPH'))
     self.shapes: dict[str, tuple[int, ...]] = {}
     self._raw: dict[str, str] = {}
     for raw, shape in reader.get_variable_to_shape_map().items():
+      stored, raw = raw, renamed.get(raw, raw)
       if _IGNORED.search(raw):
         continue
       name = raw[:-len(_TF2_SUFFIX)] if raw.endswith(_TF2_SUFFIX) else raw
       if self.tf2 and not raw.endswith(_TF2_SUFFIX):
         continue  # Object-graph bookkeeping, not a variable.
+      if name in self.shapes:
+        raise ValueError(f'two checkpoint variables read as {name!r}')
       self.shapes[name] = tuple(shape)
-      self._raw[name] = raw
+      self._raw[name] = stored
     self.used: set[str] = set()
 
   def get(self, name: str) -> np.ndarray:
@@ -309,7 +399,9 @@ def import_tf_checkpoint(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
 
   Args:
     path: A checkpoint prefix (e.g. `.../r50_1x_sk1/model.ckpt-250228`, or a
-      TF2 `ckpt-N`), or a directory holding a `checkpoint` file.
+      TF2 `ckpt-N`), a directory holding a `checkpoint` file, or a TF2
+      SavedModel: its directory (e.g. the published `.../saved_model/`) or
+      its `variables/variables` prefix.
 
   Returns:
     (model_config, variables): `models.SimCLRModel(**model_config)` is the

@@ -34,7 +34,9 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
+from simclr_jax.models import heads
 from simclr_jax.models import resnet
+from simclr_jax.models.variables import split_variables
 
 # torchvision.models builds these; ResNet-200 has no torchvision constructor.
 TORCHVISION_DEPTHS = (18, 34, 50, 101, 152)
@@ -57,23 +59,6 @@ def _leaf(x: Any, transpose: tuple[int, ...] | None = None) -> Any:
   x = np.asarray(x, dtype=np.float32)
   return x if transpose is None else np.ascontiguousarray(
       x.transpose(transpose))
-
-
-def split_variables(variables: Mapping[str, Any], name: str
-                    ) -> dict[str, Any]:
-  """{'params', 'batch_stats'} of submodule `name` of a SimCLRModel tree.
-
-  Passing an encoder's own variables (no 'encoder' key) returns them as is,
-  so every public function accepts either tree.
-  """
-  params = variables['params']
-  stats = variables.get('batch_stats', {}) or {}
-  if name in params:
-    return {'params': params[name], 'batch_stats': stats.get(name, {})}
-  if name == 'encoder':
-    return {'params': params, 'batch_stats': stats}
-  raise KeyError(f'the variables hold no {name!r} (top-level params: '
-                 f'{sorted(params)})')
 
 
 def describe_encoder(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -222,7 +207,7 @@ def projection_head_to_torch(variables: Mapping[str, Any]
   else:
     head = variables
   params, stats = head['params'], head['batch_stats']
-  num_layers = len([k for k in params if k.startswith('dense')])
+  num_layers = heads.num_head_layers(params)
   out: dict[str, np.ndarray] = {}
   for i in range(1, num_layers + 1):
     j = 3 * (i - 1)

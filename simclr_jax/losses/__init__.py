@@ -2,7 +2,8 @@
 
 `losses.<name>` is the one public access path:
   contrastive.py  NT-Xent (whole batch and sharded), masked cross-entropy
-  family.py       SupCon, MoCo v2/v3, BYOL, Sinkhorn/SwAV, InstDisc, HCL
+  family.py       SupCon, MoCo v2/v3, BYOL, Sinkhorn/SwAV, InstDisc, HCL,
+                  InvaSpread
   metric.py       batch-hard triplet and pairwise margin losses
   normalize.py    the one l2_normalize
 """
@@ -18,6 +19,7 @@ from simclr_jax.losses.family import byol
 from simclr_jax.losses.family import hard_negative_nt_xent
 from simclr_jax.losses.family import instdisc_nce
 from simclr_jax.losses.family import instdisc_softmax
+from simclr_jax.losses.family import invaspread
 from simclr_jax.losses.family import memory_bank_update
 from simclr_jax.losses.family import moco_infonce
 from simclr_jax.losses.family import moco_v3

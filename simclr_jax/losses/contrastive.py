@@ -1,6 +1,6 @@
 """Contrastive losses.
 
-`nt_xent` is the SimCLR loss (REFERENCE §1) on a whole batch held by one
+`nt_xent` is the SimCLR loss (Chen et al. 2020a) on a whole batch held by one
 caller. `nt_xent_local` is the same loss for the rows one device holds,
 against keys all-gathered from every device; the train step calls it inside
 `jax.shard_map` so each device builds a (2b x 2N) similarity matrix rather than

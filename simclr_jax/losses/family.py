@@ -1,7 +1,7 @@
-"""Losses of the contrastive family beyond NT-Xent (REFERENCE §6).
+"""Losses of the contrastive family beyond NT-Xent (docs/algorithms.md).
 
-SupCon, MoCo v2/v3, BYOL, SwAV (with Sinkhorn-Knopp), InstDisc (memory bank)
-and hard-negative NT-Xent (HCL); the Euclidean margin losses of metric
+SupCon, MoCo v2/v3, BYOL, SwAV (with Sinkhorn-Knopp), InstDisc (memory bank),
+hard-negative NT-Xent (HCL) and InvaSpread; the margin losses of metric
 learning are in `losses.metric`. Every function is pure jax.numpy, jittable,
 and casts its inputs to float32 (so bfloat16 activations are accepted and the
 softmaxes run in float32); the losses return a float32 scalar, `sinkhorn` the
@@ -313,7 +313,7 @@ def instdisc_softmax(features: jax.Array,
 
   with the sum over the memory bank approximated by the sample's own bank row
   v_i plus M sampled bank rows (the paper's full sum, or NCE, is what makes
-  the n-way softmax affordable; REFERENCE §6 uses 4096-16384 negatives).
+  the n-way softmax affordable; Wu et al. sample 4096 negatives).
 
   Args:
     features: (B, D) current features f_i; normalised here.
@@ -459,3 +459,54 @@ def hard_negative_nt_xent(z_a: jax.Array,
                  (1.0 - tau_plus))
   floor_over_pos = q * jnp.exp(-1.0 / temperature - s_pos)
   return jnp.mean(jnp.log1p(jnp.maximum(ng_over_pos, floor_over_pos)))
+
+
+# --------------------------------------------------------------------------
+# InvaSpread (Ye, Zhang, Yuen, Chang 2019, CVPR; arXiv 1904.03436).
+
+
+def invaspread(f: jax.Array,
+               f_hat: jax.Array,
+               temperature: float = 0.1) -> jax.Array:
+  """Invariant-and-spreading instance loss (Ye et al. 2019, eq. 2-5).
+
+  With the m instances' features f_k (one view) and f^_k (the other view),
+  both L2-normalised:
+
+    P(i | x^_i) = exp(f_i.f^_i / T) / sum_k exp(f_k.f^_i / T)       (eq. 2)
+    P(i | x_j)  = exp(f_i.f_j / T)  / sum_k exp(f_k.f_j / T), j != i (eq. 3)
+    J = - sum_i log P(i | x^_i) - sum_i sum_{j != i} log(1 - P(i | x_j))
+                                                                    (eq. 5)
+
+  returned divided by m (the paper writes the sum; its released code divides
+  by the batch size). The sums over k run over the m features f of the
+  batch, k = j included in eq. 3 as the paper writes it, so
+  P(i | x_j) <= 1/2 (f_j.f_j = 1 is the largest logit) and log1p(-P) is
+  finite and well conditioned for every T > 0. Gradients flow through both
+  views (the released code detaches the keys; the paper's objective does
+  not).
+
+  Args:
+    f, f_hat: (m, D) features of the "original" and the augmented view of the
+      same m instances, m >= 2; normalised here.
+    temperature: T (0.1 in the paper).
+
+  Returns:
+    Scalar loss.
+  """
+  f, f_hat = _f32(f, f_hat)
+  m = f.shape[0]
+  if m < 2:
+    raise ValueError('invaspread needs m >= 2 instances (no negatives).')
+  f, f_hat = l2_normalize(f), l2_normalize(f_hat)
+  # Row i: query f^_i against the keys f_k (eq. 2).
+  s_hat = f_hat @ f.T / temperature
+  log_p_pos = jnp.diagonal(s_hat) - jax.nn.logsumexp(s_hat, axis=1)
+  # Row j, column i: log P(i | x_j) (eq. 3).
+  s = f @ f.T / temperature
+  log_p = s - jax.nn.logsumexp(s, axis=1, keepdims=True)
+  # The diagonal (i = j) is no term of eq. 5; masking it before the log
+  # keeps its gradient 0 where P(j | x_j) rounds to 1 (log1p(-1) = -inf).
+  log_p = jnp.where(jnp.eye(m, dtype=bool), -_LARGE_NUM, log_p)
+  log_not = jnp.log1p(-jnp.exp(log_p))
+  return -(jnp.sum(log_p_pos) + jnp.sum(log_not)) / m

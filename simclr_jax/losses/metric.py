@@ -1,4 +1,4 @@
-"""Margin losses on Euclidean distances (REFERENCE §6, metric learning).
+"""Margin losses on Euclidean distances (metric learning).
 
 The batch-hard triplet loss and the pairwise contrastive loss of Siamese
 networks. Embeddings are used as given (not normalised), cast to float32 so

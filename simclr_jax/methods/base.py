@@ -9,19 +9,21 @@ pipeline, evaluation and export. A method only says
     on the mesh and saved in every checkpoint, so a resumed run continues
     with the same queue and momentum encoder,
   - how two views of a batch become a loss and metrics (`loss`),
+  - how its parameters are projected after the optimiser step
+    (`project_params`: SwAV's unit-norm prototypes),
   - how its state moves after the optimiser step (`update_extra`), from a
     payload the loss returned (the keys to enqueue, the features to store).
 
 SimCLR is one method among them (methods/contrastive.py). The two views of
 image i are rows 2i and 2i+1 of the (2N, S, S, 3) batch the encoder sees, so
 each device keeps both views of its own images and BN statistics cover both
-views of the global batch (REFERENCE §2).
+views of the global batch (docs/algorithms.md#batch-normalisation).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -51,6 +53,28 @@ class StepBatch:
   step: jax.Array
 
 
+@dataclasses.dataclass(frozen=True)
+class HostContext:
+  """What `Method.host_update` may use besides the train state.
+
+  Attributes:
+    config: the run's config.
+    mesh: the device mesh; the state is replicated on it.
+    model: the SimCLRModel the step trains.
+    steps_per_epoch: optimiser steps per pass over the train split.
+    total_steps: steps of the whole run.
+    featurize: `variables -> (num_train_examples, D)` float32 NumPy features
+      h of the whole train split with evaluation preprocessing and BN in
+      inference mode, row i = the example whose batch 'index' is i.
+  """
+  config: ml_collections.ConfigDict
+  mesh: Any
+  model: nn.Module
+  steps_per_epoch: int
+  total_steps: int
+  featurize: Callable[[Any], Any]
+
+
 class LossOutput(NamedTuple):
   """A method's loss with what the step needs besides the gradient.
 
@@ -63,8 +87,7 @@ class LossOutput(NamedTuple):
 
 def normalize(z: jax.Array) -> jax.Array:
   """Rows scaled to unit L2 norm, in float32 (cosine similarities)."""
-  z = z.astype(jnp.float32)
-  return z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
+  return losses.l2_normalize(z.astype(jnp.float32))
 
 
 def pairs(t: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -78,11 +101,49 @@ linear_head_loss = losses.masked_cross_entropy
 
 
 class Method:
-  """Base class; SimCLR-style methods only override `projection_loss`."""
+  """Base class; SimCLR-style methods only override `projection_loss`.
+
+  A method class owns every fact about itself the rest of the project needs:
+  its `name` (config.method), its config `section`, the checks of that
+  section (`validate`), whether gradient caching can compute its gradient
+  (`supports_grad_cache`) and the config fields that fix the shapes of its
+  checkpointed state (`resume_shape_fields`).
+  """
 
   name = 'base'
+  # The config section holding this method's settings ('' = none: it reads
+  # only loss.temperature); by convention the method's own name.
+  section = ''
+  # Dotted config fields fixing the shapes of this method's extra state or
+  # extra parts (a queue, a predictor, prototypes); a run cannot resume
+  # with other values.
+  resume_shape_fields: tuple[str, ...] = ()
   needs_index = False  # The input pipeline must yield dataset ids.
   needs_labels = False  # The loss uses class labels.
+  # Gradient caching needs a loss of the projections alone: true for
+  # methods that only define `projection_loss` (SimCLR, HCL, SupCon,
+  # triplet, margin). A subclass that overrides `loss` (a target network,
+  # prototypes, a memory bank) is not supported unless it says otherwise.
+  supports_grad_cache = True
+
+  def __init_subclass__(cls, **kwargs):
+    super().__init_subclass__(**kwargs)
+    if 'supports_grad_cache' not in vars(cls):
+      cls.supports_grad_cache = cls.loss is Method.loss
+
+  @classmethod
+  def validate(cls, config: ml_collections.ConfigDict) -> None:
+    """Checks this method's settings; raises a one-line ConfigError.
+
+    Runs before anything is built (config/validation.py calls it for the
+    selected method). Subclasses extend it with their section's rules.
+    """
+    del config
+
+  @property
+  def settings(self) -> ml_collections.ConfigDict:
+    """This method's config section."""
+    return self.config[self.section]
 
   def __init__(self, config: ml_collections.ConfigDict, *,
                total_steps: int, num_train_examples: int):
@@ -127,16 +188,6 @@ class Method:
     """Loss of the two views' projections (N, D) each, and extra metrics."""
     raise NotImplementedError(f'{self.name} defines no projection_loss')
 
-  @property
-  def supports_grad_cache(self) -> bool:
-    """Gradient caching needs a loss of the projections alone.
-
-    True for methods that only define `projection_loss` (SimCLR, HCL,
-    SupCon, triplet, margin); methods with a target network or prototypes
-    override `loss` and are not supported.
-    """
-    return type(self).loss is Method.loss
-
   def add_linear_head(self, loss: jax.Array, metrics: Metrics,
                       out: dict[str, Any], batch: StepBatch
                       ) -> tuple[jax.Array, Metrics]:
@@ -158,8 +209,32 @@ class Method:
     del step
     return tree
 
+  def project_params(self, params: Any, step: jax.Array) -> Any:
+    """Parameters after the optimiser step, projected onto a constraint set.
+
+    The step applies it right after `optax.apply_updates`, inside the jitted
+    step but outside the gradient (e.g. SwAV's prototypes back to unit norm,
+    Caron et al. 2020, App. A). `step` is the global step before the update.
+    The default is the identity.
+    """
+    del step
+    return params
+
   def update_extra(self, extra: Any, params: Any, payload: Any,
                    step: jax.Array) -> Any:
     """Method state after the optimiser step; `params` are the new ones."""
     del params, payload, step
     return extra
+
+  # -- host side ------------------------------------------------------------
+  def host_update(self, step: int, state: Any, context: HostContext) -> Any:
+    """The train state to run step `step` from (the loop's before_step).
+
+    Runs on the host before every step, outside jit, and may replace
+    `state.extra` with state computed over the whole dataset (DeepCluster's
+    k-means pseudo-labels). It must be a pure function of (step, state,
+    config) so a resumed run redoes exactly what the uninterrupted one did.
+    Methods that do not override it get no hook at all.
+    """
+    del step, context
+    return state

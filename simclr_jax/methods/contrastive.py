@@ -17,12 +17,13 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from simclr_jax import losses
-from simclr_jax.runtime import parallel
 from simclr_jax.methods import base
+from simclr_jax.runtime import config_checks as checks
+from simclr_jax.runtime import parallel
 
 
 class SimCLR(base.Method):
-  """SimCLR (Chen et al. 2020): NT-Xent over the global batch (REFERENCE §1)."""
+  """SimCLR (Chen et al. 2020, Eq. 1): NT-Xent over the global batch."""
 
   name = 'simclr'
 
@@ -49,13 +50,19 @@ class HardNegativeSimCLR(base.Method):
   """
 
   name = 'hcl'
+  section = 'hcl'
+
+  @classmethod
+  def validate(cls, config):
+    s = config[cls.section]
+    checks.positive('hcl.beta', s.beta, allow_zero=True)
+    checks.unit_interval('hcl.tau_plus', s.tau_plus)
 
   def projection_loss(self, z_a, z_b, batch):
     del batch
-    c = self.config
     loss = losses.hard_negative_nt_xent(
-        z_a, z_b, temperature=c.loss.temperature, beta=c.hcl.beta,
-        tau_plus=c.hcl.tau_plus)
+        z_a, z_b, temperature=self.config.loss.temperature,
+        beta=self.settings.beta, tau_plus=self.settings.tau_plus)
     return loss, {}
 
 
@@ -71,12 +78,20 @@ class SupCon(base.Method):
   """Supervised contrastive L_out (Khosla et al. 2020), labels from the data."""
 
   name = 'supcon'
+  section = 'supcon'
   needs_labels = True
+
+  @classmethod
+  def validate(cls, config):
+    # 0 = the temperature itself (loss scale T / base_T = 1).
+    checks.positive('supcon.base_temperature',
+                    config[cls.section].base_temperature, allow_zero=True)
 
   def projection_loss(self, z_a, z_b, batch):
     z = jnp.stack([z_a, z_b], axis=1)  # (N, 2 views, D)
-    loss = losses.supcon(z, batch.labels, temperature=self.config.loss.temperature,
-                         base_temperature=self.config.supcon.base_temperature
+    loss = losses.supcon(z, batch.labels,
+                         temperature=self.config.loss.temperature,
+                         base_temperature=self.settings.base_temperature
                          or None)
     return loss, {}
 
@@ -88,9 +103,15 @@ class _MarginMethod(base.Method):
   class labels (`margin.use_labels`).
   """
 
+  section = 'margin'
+
+  @classmethod
+  def validate(cls, config):
+    checks.positive('margin.margin', config[cls.section].margin)
+
   @property
   def needs_labels(self) -> bool:  # type: ignore[override]
-    return bool(self.config.margin.use_labels)
+    return bool(self.settings.use_labels)
 
   def margin_loss(self, embeddings: jax.Array, labels: jax.Array
                   ) -> jax.Array:
@@ -109,7 +130,7 @@ class Triplet(_MarginMethod):
 
   def margin_loss(self, embeddings, labels):
     return losses.triplet_margin(embeddings, labels,
-                                 margin=self.config.margin.margin)
+                                 margin=self.settings.margin)
 
 
 class ContrastiveMargin(_MarginMethod):
@@ -119,5 +140,5 @@ class ContrastiveMargin(_MarginMethod):
 
   def margin_loss(self, embeddings, labels):
     return losses.contrastive_margin(
-        embeddings, labels, margin=self.config.margin.margin,
-        batch_hard=self.config.margin.batch_hard)
+        embeddings, labels, margin=self.settings.margin,
+        batch_hard=self.settings.batch_hard)

@@ -6,7 +6,7 @@ it). Each view's feature is scored against its image's bank row (positive)
 and `num_negatives` rows drawn uniformly at random (shared by the batch),
 with the non-parametric softmax at temperature T. After the step the bank
 rows of the batch move towards the mean of the two views' features with
-momentum 0.5 and are renormalised (REFERENCE §6).
+momentum 0.5 and are renormalised (docs/algorithms.md#instdisc).
 
 The bank costs num_train_examples x proj_out_dim floats per device
 (ImageNet: 1.28M x 128 x 4 B = 655 MB).
@@ -19,13 +19,24 @@ import jax.numpy as jnp
 
 from simclr_jax import losses
 from simclr_jax.methods import base
+from simclr_jax.runtime import config_checks as checks
 
 
 class InstDisc(base.Method):
   """Non-parametric softmax over a memory bank of all training images."""
 
   name = 'instdisc'
+  section = 'instdisc'
+  # The bank has one row per training image: the split fixes its length
+  # (dataset.name and model.proj_out_dim are checked for every method).
+  resume_shape_fields = ('dataset.train_split',)
   needs_index = True
+
+  @classmethod
+  def validate(cls, config):
+    s = config[cls.section]
+    checks.integer('instdisc.num_negatives', s.num_negatives, 1)
+    checks.unit_interval('instdisc.bank_momentum', s.bank_momentum)
 
   def init_extra(self, params, batch_stats, rng):
     del params, batch_stats
@@ -34,7 +45,7 @@ class InstDisc(base.Method):
     return {'memory_bank': base.normalize(bank)}
 
   def loss(self, model, params, batch_stats, extra, batch):
-    s = self.config.instdisc
+    s = self.settings
     out, new_stats = self.forward(model, params, batch_stats, batch.x)
     f_a, f_b = base.pairs(base.normalize(out['projection']))
     bank = jax.lax.stop_gradient(extra['memory_bank'])
@@ -55,5 +66,5 @@ class InstDisc(base.Method):
     del params, step
     bank = losses.memory_bank_update(
         extra['memory_bank'], payload['index'], payload['features'],
-        momentum=self.config.instdisc.bank_momentum)
+        momentum=self.settings.bank_momentum)
     return {'memory_bank': bank}

@@ -6,10 +6,10 @@ gradient. Its parameters and BN statistics live in `TrainState.extra`, so a
 checkpoint holds them and a resumed run continues with the same target (and,
 for MoCo v2, the same queue).
 
-BN is global under jit (REFERENCE §2), so MoCo's shuffling BN is not needed:
-its purpose, keeping the key encoder's batch statistics from leaking which
-sample is the positive within one device's sub-batch, does not arise when
-statistics cover the whole global batch.
+BN is global under jit (docs/algorithms.md#batch-normalisation), so MoCo's
+shuffling BN is not needed: its purpose, keeping the key encoder's batch
+statistics from leaking which sample is the positive within one device's
+sub-batch, does not arise when statistics cover the whole global batch.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from simclr_jax import losses
 from simclr_jax.methods import base
+from simclr_jax.runtime import config_checks as checks
 
 _TARGET_PARTS = ('encoder', 'projection_head')
 
@@ -37,16 +38,21 @@ def cosine_momentum(base_momentum: float, step: jax.Array,
 class _MomentumMethod(base.Method):
   """Shared target-network plumbing; subclasses define the loss."""
 
-  section = ''  # Config section with momentum / predictor settings.
   cosine_schedule = True
+  has_predictor = True  # BYOL, MoCo v3: {section}.predictor_hidden_dim.
 
-  @property
-  def settings(self):
-    return self.config[self.section]
+  @classmethod
+  def validate(cls, config):
+    s = config[cls.section]
+    checks.unit_interval(f'{cls.section}.momentum', s.momentum)
+    if cls.has_predictor:
+      checks.integer(f'{cls.section}.predictor_hidden_dim',
+                     s.predictor_hidden_dim, 1)
 
   def model_overrides(self) -> dict[str, Any]:
-    hidden = int(self.settings.get('predictor_hidden_dim', 0))
-    return {'predictor_hidden_dim': hidden} if hidden else {}
+    if not self.has_predictor:
+      return {}
+    return {'predictor_hidden_dim': int(self.settings.predictor_hidden_dim)}
 
   def init_extra(self, params, batch_stats, rng):
     del rng
@@ -92,13 +98,27 @@ class MoCoV2(_MomentumMethod):
 
   Symmetrised: each view's query is scored against the other view's key and
   the queue, and both views' keys are enqueued (2N per step) after the loss,
-  as REFERENCE §6 requires. The queue holds all-gathered (global) keys: under
-  jit the keys are one global array, so every device enqueues the same keys.
+  as in He et al. 2020, Algorithm 1. The queue holds all-gathered (global)
+  keys: under jit the keys are one global array, so every device enqueues the
+  same keys.
   """
 
   name = 'moco_v2'
-  section = 'moco'
+  section = 'moco_v2'
+  resume_shape_fields = ('moco_v2.queue_size',)
   cosine_schedule = False  # MoCo v2 keeps m = 0.999 fixed.
+  has_predictor = False
+
+  @classmethod
+  def validate(cls, config):
+    super().validate(config)
+    k, b = config.moco_v2.queue_size, config.batch_size
+    checks.integer('moco_v2.queue_size', k, 1)
+    if k % (2 * b):
+      raise checks.ConfigError(
+          f'config.moco_v2.queue_size={k} is invalid: must be a multiple of '
+          f'2 x batch_size = {2 * b} (both views\' keys are enqueued each '
+          'step)')
 
   def init_extra(self, params, batch_stats, rng):
     extra = super().init_extra(params, batch_stats, rng)
@@ -142,7 +162,8 @@ class MoCoV3(_MomentumMethod):
   """
 
   name = 'moco_v3'
-  section = 'mocov3'
+  section = 'moco_v3'
+  resume_shape_fields = ('moco_v3.predictor_hidden_dim',)
 
   def loss(self, model, params, batch_stats, extra, batch):
     out, new_stats = self.forward(model, params, batch_stats, batch.x)
@@ -163,6 +184,7 @@ class BYOL(_MomentumMethod):
 
   name = 'byol'
   section = 'byol'
+  resume_shape_fields = ('byol.predictor_hidden_dim',)
 
   def loss(self, model, params, batch_stats, extra, batch):
     out, new_stats = self.forward(model, params, batch_stats, batch.x)

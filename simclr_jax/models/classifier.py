@@ -6,7 +6,7 @@ linear classifier, with the parameter tree {'encoder', 'projection_head',
 of `SimCLRModel`'s, so a pretrained run's weights copy in by key and the
 fine-tuned encoder exports like a pretrained one (params['encoder']).
 
-`head_layers` is the reference's ft_proj_selector (REFERENCE §2): 0 puts the
+`head_layers` is the reference's ft_proj_selector: 0 puts the
 classifier on the encoder output h, k on the output of head layer k (after its
 ReLU for hidden layers), i.e. on `SimCLRModel(...)['head_hiddens'][k]`.
 SimCLRv2 fine-tunes from layer 1.
@@ -26,17 +26,13 @@ from simclr_jax.models import resnet
 
 Dtype = Any
 
-_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-
-
 class HeadLayers(nn.Module):
   """The first `num_layers` of a `heads.ProjectionHead` of `total_layers`.
 
-  Same layer names (dense{i}, bn{i}) and rules as ProjectionHead: Dense
-  without bias then BN; hidden layers keep the input width and use ReLU; the
-  last layer of the full head outputs `out_dim` and its BN has no beta. The
-  full head cannot be reused as is because its unkept layers would need
-  parameters that a fine-tuned model deliberately drops.
+  The same layers as ProjectionHead (`heads.projection_layers`: names
+  dense{i}, bn{i}; the last layer of the full head outputs `out_dim` and its
+  BN has no beta). The full head cannot be reused as is because its unkept
+  layers would need parameters that a fine-tuned model deliberately drops.
   """
   num_layers: int
   total_layers: int
@@ -45,20 +41,11 @@ class HeadLayers(nn.Module):
 
   @nn.compact
   def __call__(self, h: jax.Array, train: bool) -> jax.Array:
-    hidden_dim = h.shape[-1]
-    x = h
-    for i in range(1, self.num_layers + 1):
-      last = i == self.total_layers
-      x = nn.Dense(self.out_dim if last else hidden_dim, use_bias=False,
-                   dtype=self.dtype, param_dtype=jnp.float32,
-                   kernel_init=heads.dense_kernel_init, name=f'dense{i}')(x)
-      x = nn.BatchNorm(use_running_average=not train,
-                       momentum=resnet.BN_MOMENTUM, epsilon=resnet.BN_EPSILON,
-                       use_bias=not last, use_scale=True, dtype=self.dtype,
-                       param_dtype=jnp.float32, name=f'bn{i}')(x)
-      if not last:
-        x = nn.relu(x)
-    return x
+    outputs = heads.projection_layers(
+        h, num_layers=self.num_layers, total_layers=self.total_layers,
+        out_dim=self.out_dim, hidden_dim=None, dtype=self.dtype,
+        bn_axis_name=None, train=train)
+    return outputs[-1] if outputs else h
 
 
 class Classifier(nn.Module):
@@ -73,8 +60,8 @@ class Classifier(nn.Module):
     proj_out_dim: width of the head's output layer.
     num_classes: classifier outputs.
     frozen_encoder: run the encoder in inference mode (BN uses its running
-      statistics) behind stop_gradient, as linear evaluation needs
-      (REFERENCE §5); the optimiser must also leave its weights alone.
+      statistics) behind stop_gradient, as linear evaluation needs (Chen et
+      al. 2020a, App. B.6); the optimiser must also leave its weights alone.
     dtype: computation dtype; parameters and logits are float32.
   """
   depth: int = 50
@@ -108,14 +95,6 @@ class Classifier(nn.Module):
     return {'features': h, 'logits': logits}
 
 
-def uses_cifar_stem(model_config: ml_collections.ConfigDict,
-                    image_size: int) -> bool:
-  """REFERENCE §2: the CIFAR stem for images of size <= 32 ('auto')."""
-  if model_config.stem == 'auto':
-    return image_size <= 32
-  return model_config.stem == 'cifar'
-
-
 def build_classifier(run_config: ml_collections.ConfigDict, *,
                      head_layers: int, num_classes: int,
                      frozen_encoder: bool = False,
@@ -129,15 +108,13 @@ def build_classifier(run_config: ml_collections.ConfigDict, *,
   """
   m = run_config.model
   resnet.check_depth(m.depth)
-  dtype = compute_dtype or m.get('compute_dtype', 'float32')
-  if dtype not in _DTYPES:
-    raise ValueError(f'model.compute_dtype={dtype!r} is not supported; '
-                     f'choose one of {", ".join(_DTYPES)}')
+  dtype = resnet.compute_dtype(compute_dtype or
+                               m.get('compute_dtype', 'float32'))
   return Classifier(
       depth=m.depth, width_multiplier=m.width_multiplier,
       sk_ratio=m.sk_ratio,
-      cifar_stem=uses_cifar_stem(m, run_config.dataset.image_size),
+      cifar_stem=resnet.uses_cifar_stem(m, run_config.dataset.image_size),
       maxpool_padding=m.get('maxpool_padding', 'torch'),
       head_layers=head_layers, total_head_layers=m.num_proj_layers,
       proj_out_dim=m.proj_out_dim, num_classes=num_classes,
-      frozen_encoder=frozen_encoder, dtype=_DTYPES[dtype])
+      frozen_encoder=frozen_encoder, dtype=dtype)

@@ -1,4 +1,4 @@
-"""Projection head g(.) and linear classifier head (REFERENCE §2).
+"""Projection head g(.) and linear classifier head (docs/algorithms.md).
 
 The projection head follows the TF2 reference's `ProjectionHead` in
 'nonlinear' mode: every layer is a bias-free Dense followed by BatchNorm (the
@@ -20,8 +20,57 @@ from simclr_jax.models import resnet
 
 Dtype = Any
 
-# REFERENCE §2: head Dense kernels are N(0, 0.01) (tf2 LinearLayer init).
+# Head Dense kernels are N(0, 0.01), the TF2 reference's LinearLayer init.
 dense_kernel_init = nn.initializers.normal(stddev=0.01)
+
+
+def num_head_layers(head_params: Any) -> int:
+  """Layers a projection head's parameter tree holds (dense1, dense2, ...).
+
+  A pretraining run holds all `model.num_proj_layers`; a fine-tuned
+  classifier only the `ft_proj_selector` it kept.
+  """
+  return sum(1 for k in (head_params or {}) if str(k).startswith('dense'))
+
+
+def projection_layers(h: jax.Array, *, num_layers: int, total_layers: int,
+                      out_dim: int, hidden_dim: int | None, dtype: Dtype,
+                      bn_axis_name: str | None, train: bool
+                      ) -> list[jax.Array]:
+  """The first `num_layers` layers of a `total_layers` projection head.
+
+  Called inside a compact module's __call__, so the layers become that
+  module's children 'dense{i}' / 'bn{i}'. Returns every layer's output,
+  hidden ones after their ReLU.
+  """
+  hidden_dim = hidden_dim or h.shape[-1]
+  outputs = []
+  x = h
+  for i in range(1, num_layers + 1):
+    last = i == total_layers
+    x = nn.Dense(
+        out_dim if last else hidden_dim,
+        use_bias=False,  # BN follows; its beta is the bias.
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=dense_kernel_init,
+        name=f'dense{i}')(x)
+    x = nn.BatchNorm(
+        use_running_average=not train,
+        momentum=resnet.BN_MOMENTUM,
+        epsilon=resnet.BN_EPSILON,
+        # No beta on the output layer (reference: center=False), so z is
+        # not shifted by a learned offset before normalisation in the loss.
+        use_bias=not last,
+        use_scale=True,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        axis_name=bn_axis_name,
+        name=f'bn{i}')(x)
+    if not last:
+      x = nn.relu(x)
+    outputs.append(x)
+  return outputs
 
 
 class ProjectionHead(nn.Module):
@@ -50,34 +99,11 @@ class ProjectionHead(nn.Module):
     Hidden-layer entries are taken after their ReLU, as in the reference, so
     `hiddens[ft_proj_selector]` is what a fine-tuned classifier would see.
     """
-    hidden_dim = self.hidden_dim or h.shape[-1]
-    hiddens = [h]
-    x = h
-    for i in range(1, self.num_layers + 1):
-      last = i == self.num_layers
-      x = nn.Dense(
-          self.out_dim if last else hidden_dim,
-          use_bias=False,  # BN follows; its beta is the bias.
-          dtype=self.dtype,
-          param_dtype=jnp.float32,
-          kernel_init=dense_kernel_init,
-          name=f'dense{i}')(x)
-      x = nn.BatchNorm(
-          use_running_average=not train,
-          momentum=resnet.BN_MOMENTUM,
-          epsilon=resnet.BN_EPSILON,
-          # No beta on the output layer (reference: center=False), so z is
-          # not shifted by a learned offset before normalisation in the loss.
-          use_bias=not last,
-          use_scale=True,
-          dtype=self.dtype,
-          param_dtype=jnp.float32,
-          axis_name=self.bn_axis_name,
-          name=f'bn{i}')(x)
-      if not last:
-        x = nn.relu(x)
-      hiddens.append(x)
-    return x, hiddens
+    hiddens = [h] + projection_layers(
+        h, num_layers=self.num_layers, total_layers=self.num_layers,
+        out_dim=self.out_dim, hidden_dim=self.hidden_dim, dtype=self.dtype,
+        bn_axis_name=self.bn_axis_name, train=train)
+    return hiddens[-1], hiddens
 
 
 class Predictor(nn.Module):

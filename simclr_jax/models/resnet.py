@@ -1,6 +1,6 @@
 """ResNet encoders for SimCLR v1/v2 (flax.linen), weight-compatible with torch.
 
-The architecture follows REFERENCE.md §2 and the SimCLR TF2 reference
+The architecture follows docs/algorithms.md#model and the SimCLR TF2 reference
 (`tf2/resnet.py`): post-activation ResNet "v1.5" (bottleneck stride on the 3x3
 conv), no conv biases, BatchNorm momentum 0.9 / epsilon 1e-5, the last BN gamma
 of every residual block zero-initialised, explicit symmetric padding on strided
@@ -55,7 +55,7 @@ import jax.numpy as jnp
 
 Dtype = Any
 
-BN_MOMENTUM = 0.9  # REFERENCE §2: the TF reference's batch_norm_decay.
+BN_MOMENTUM = 0.9  # The TF reference's batch_norm_decay.
 BN_EPSILON = 1e-5
 
 # depth -> (block type, blocks per stage), as in the TF reference/torchvision.
@@ -70,6 +70,10 @@ STAGE_SIZES: dict[int, tuple[str, tuple[int, int, int, int]]] = {
 
 # Stem max-pool padding conventions (ResNet.maxpool_padding).
 MAXPOOL_PADDINGS = ('torch', 'tf')
+# config.model.stem: 'auto' resolves by image size (`uses_cifar_stem`).
+STEMS = ('auto', 'cifar', 'imagenet')
+# config.model.compute_dtype -> activation dtype; parameters stay float32.
+COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 # He init on fan_out, like torchvision's kaiming_normal_(mode='fan_out'); the
 # truncated normal keeps rare huge weights out of a 100+ layer net at init.
@@ -91,6 +95,34 @@ def check_maxpool_padding(maxpool_padding: str) -> None:
     raise ValueError(
         f'model.maxpool_padding={maxpool_padding!r} is not supported; choose '
         'one of ' + ', '.join(repr(p) for p in MAXPOOL_PADDINGS))
+
+
+def check_stem(stem: str) -> None:
+  """Raises a one-line ValueError for a stem not in STEMS."""
+  if stem not in STEMS:
+    raise ValueError(f'model.stem={stem!r} is not supported; choose one of '
+                     + ', '.join(repr(s) for s in STEMS))
+
+
+def uses_cifar_stem(model_config: Any, image_size: int) -> bool:
+  """Whether `model_config.stem` means the CIFAR stem at `image_size`.
+
+  'cifar' / 'imagenet' say so; 'auto' picks the CIFAR stem (3x3 stride-1
+  conv, no max-pool; Chen et al. 2020, Appendix B.9) for images of size
+  <= 32, the threshold of the authors' code.
+  """
+  if model_config.stem == 'auto':
+    return image_size <= 32
+  return model_config.stem == 'cifar'
+
+
+def compute_dtype(name: str) -> Dtype:
+  """The dtype `config.model.compute_dtype` names; one-line ValueError else."""
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(
+        f'model.compute_dtype={name!r} is not supported; choose one of '
+        + ', '.join(repr(d) for d in COMPUTE_DTYPES))
+  return COMPUTE_DTYPES[name]
 
 
 def tf_same_padding(size: int, kernel: int = 3,
@@ -161,7 +193,8 @@ def _batch_norm(train: bool, dtype: Dtype, axis_name: str | None, name: str,
   """BatchNorm with the reference's momentum/epsilon and float32 params.
 
   Under jit over a batch-sharded global array the statistics are global
-  already ("global BN", REFERENCE §2); `axis_name` is only for shard_map/pmap.
+  already ("global BN", Chen et al. 2020a, Sec. 2.2); `axis_name` is only for
+  shard_map/pmap.
   """
   return nn.BatchNorm(
       use_running_average=not train,
@@ -256,7 +289,7 @@ class BasicBlock(nn.Module):
     y = _conv(self.filters, 3, self.strides, self.dtype, 'conv1')(x)
     y = nn.relu(bn('bn1')(y))
     y = _conv(self.filters, 3, 1, self.dtype, 'conv2')(y)
-    # Zero gamma: the block starts as the identity (REFERENCE §2, Goyal et al).
+    # Zero gamma: the block starts as the identity (Goyal et al. 2017).
     y = bn('bn2', zero_init=True)(y)
     return nn.relu(y + shortcut)
 
@@ -347,8 +380,8 @@ class ResNet(nn.Module):
       x = nn.relu(bn('bn_init')(x))
     else:
       if self.sk_ratio > 0:
-        # ResNet-D deep stem: 32w (stride 2) -> 32w -> 64w, all 3x3. REFERENCE's
-        # "32w/2" is 32w channels at stride 2 (tf2/resnet.py: 64 * w // 2).
+        # ResNet-D deep stem: 32w (stride 2) -> 32w -> 64w, all 3x3
+        # (docs/algorithms.md#stems; tf2/resnet.py: 64 * w // 2 = 32w channels).
         x = _conv(scaled_width(32, w), 3, 2, self.dtype, 'conv_stem1')(x)
         x = nn.relu(bn('bn_stem1')(x))
         x = _conv(scaled_width(32, w), 3, 1, self.dtype, 'conv_stem2')(x)

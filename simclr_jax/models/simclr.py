@@ -2,9 +2,9 @@
 
 One module holds all three so a single init/apply and one optimizer state
 cover them, as in the TF2 reference's `Model`. The linear head reads
-stop_gradient(h) (REFERENCE §2, `lineareval_while_pretraining`): it is trained
-together with pretraining to monitor representation quality, but its loss
-never reaches the encoder.
+stop_gradient(h) (Chen et al. 2020a, Appendix B.6; the TF2 reference's
+`lineareval_while_pretraining`): it is trained together with pretraining to
+monitor representation quality, but its loss never reaches the encoder.
 """
 
 from __future__ import annotations
@@ -16,14 +16,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from simclr_jax import losses
 from simclr_jax.models import heads
 from simclr_jax.models import resnet
 
 Dtype = Any
-
-_STEMS = ('auto', 'cifar', 'imagenet')
-_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-
 
 class SimCLRModel(nn.Module):
   """Encoder + projection head + (optional) linear head on detached features.
@@ -58,7 +55,7 @@ class SimCLRModel(nn.Module):
     """Returns features h, projection z, head hiddens and linear-head logits.
 
     Both augmented views should be passed as one batch so BN statistics cover
-    both (REFERENCE §2).
+    both (docs/algorithms.md#batch-normalisation).
     """
     h = resnet.ResNet(
         depth=self.depth,
@@ -90,17 +87,27 @@ class SimCLRModel(nn.Module):
           bn_axis_name=self.bn_axis_name, name='predictor')(z, train)
       out['prediction'] = p.astype(jnp.float32)
     if self.num_prototypes:
-      # SwAV prototypes: scores are cosine similarities, so both z and the
-      # prototype vectors are normalised (the paper renormalises the
-      # prototype matrix after every step; normalising here is equivalent).
-      kernel = self.param('prototypes', heads.dense_kernel_init,
+      # SwAV prototypes, one unit-norm column each. The forward pass uses the
+      # stored prototypes as they are: the paper renormalises them outside
+      # the gradient after every optimiser step (Caron et al. 2020, App. A;
+      # SwAV.project_params here), which is NOT the same as normalising them
+      # in the forward pass (that would put the normalisation's Jacobian in
+      # the gradient and never reset the stored norm). They start unit-norm.
+      kernel = self.param('prototypes', _unit_prototypes_init,
                           (self.proj_out_dim, self.num_prototypes))
-      zn = z.astype(jnp.float32)
-      zn = zn / jnp.maximum(jnp.linalg.norm(zn, axis=-1, keepdims=True), 1e-12)
-      kn = kernel / jnp.maximum(
-          jnp.linalg.norm(kernel, axis=0, keepdims=True), 1e-12)
-      out['prototype_scores'] = zn @ kn
+      zn = losses.l2_normalize(z.astype(jnp.float32))
+      out['prototype_scores'] = zn @ kernel
     return out
+
+
+def normalize_prototypes(kernel: jax.Array) -> jax.Array:
+  """(D, K) prototypes with each column (prototype) scaled to unit L2 norm."""
+  return losses.l2_normalize(kernel.T).T
+
+
+def _unit_prototypes_init(rng: jax.Array, shape: tuple[int, ...],
+                          dtype: Dtype = jnp.float32) -> jax.Array:
+  return normalize_prototypes(heads.dense_kernel_init(rng, shape, dtype))
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int,
@@ -118,27 +125,17 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int,
   # Older configs (and their saved config.json) predate the field.
   maxpool_padding = m.get('maxpool_padding', 'torch')
   resnet.check_maxpool_padding(maxpool_padding)
-  if m.stem not in _STEMS:
-    raise ValueError(f'model.stem={m.stem!r} is not supported; choose one of '
-                     + ', '.join(repr(s) for s in _STEMS))
-  if m.compute_dtype not in _DTYPES:
-    raise ValueError(
-        f'model.compute_dtype={m.compute_dtype!r} is not supported; choose one '
-        'of ' + ', '.join(repr(d) for d in _DTYPES))
-  if m.stem == 'auto':
-    # REFERENCE §2: the CIFAR stem is for image size <= 32.
-    cifar_stem = config.dataset.image_size <= 32
-  else:
-    cifar_stem = m.stem == 'cifar'
+  resnet.check_stem(m.stem)
+  dtype = resnet.compute_dtype(m.compute_dtype)
   return SimCLRModel(
       depth=m.depth,
       width_multiplier=m.width_multiplier,
       sk_ratio=m.sk_ratio,
-      cifar_stem=cifar_stem,
+      cifar_stem=resnet.uses_cifar_stem(m, config.dataset.image_size),
       maxpool_padding=maxpool_padding,
       num_proj_layers=m.num_proj_layers,
       proj_out_dim=m.proj_out_dim,
       num_classes=num_classes,
       linear_head=m.linear_eval_while_pretraining,
-      dtype=_DTYPES[m.compute_dtype],
+      dtype=dtype,
       **method_fields)

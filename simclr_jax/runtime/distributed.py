@@ -2,7 +2,7 @@
 
 Every process of a multi-host (or multi-process) run calls `initialize` before
 anything touches a device; afterwards `jax.devices()` lists the devices of all
-processes and one jitted program spans them (DESIGN.md, Multi-host).
+processes and one jitted program spans them (README, Multi-host runs).
 
 Why a wrapper rather than a bare `jax.distributed.initialize`:
 - A process that cannot reach the coordinator, or whose peers never arrive,

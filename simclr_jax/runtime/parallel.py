@@ -1,7 +1,7 @@
 """Device mesh, shardings and host-to-device batch assembly.
 
 One mesh axis, 'data': the batch is sharded over it and the train state is
-replicated (DESIGN.md). Under jit over such arrays XLA inserts the cross-device
+replicated. Under jit over such arrays XLA inserts the cross-device
 reductions itself, which is also what makes BatchNorm statistics global.
 """
 

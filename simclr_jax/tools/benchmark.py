@@ -187,12 +187,12 @@ def torch_peer_row(config, steps: int, warmup: int, compile_step: bool
     from simclr_jax.tools import torch_peer  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     return {'error': f'torch not importable: {e}'}
-  from simclr_jax.config import validation as config_validation  # pylint: disable=g-import-not-at-top
+  from simclr_jax.models import resnet  # pylint: disable=g-import-not-at-top
   m = config.model
   return torch_peer.benchmark_step(
       depth=m.depth, width_multiplier=m.width_multiplier,
       image_size=config.dataset.image_size, batch_size=config.batch_size,
-      cifar_stem=config_validation.uses_cifar_stem(config),
+      cifar_stem=resnet.uses_cifar_stem(m, config.dataset.image_size),
       num_proj_layers=m.num_proj_layers, proj_out_dim=m.proj_out_dim,
       temperature=config.loss.temperature, steps=steps, warmup=warmup,
       compile_step=compile_step)
@@ -269,8 +269,13 @@ def _define_flags() -> None:
 
 def run() -> None:
   """Program entry: `python -m simclr_jax.benchmark` (or .tools.benchmark)."""
+  from simclr_jax.runtime import logs  # pylint: disable=g-import-not-at-top
+  # Library logs only with --verbosity>=1 or SIMCLR_JAX_VERBOSE=1; a bad
+  # --config is one `error:` line (exit 2), as in simclr_jax.main.
+  logs.configure(logs.verbose_from_argv(sys.argv))
+  from simclr_jax.config import validation as config_validation  # pylint: disable=g-import-not-at-top
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=config_validation.parse_flags)
 
 
 if __name__ == '__main__':

@@ -37,7 +37,7 @@ def _default_raw_size(image_size: int) -> int:
 def _tf_views_per_sec(image_size: int, batch_size: int, num_batches: int,
                       pool: np.ndarray) -> float:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  # TF on the host only: it must never take accelerator memory (DESIGN.md).
+  # TF on the host only: it must never take accelerator memory.
   tf.config.set_visible_devices([], 'GPU')
 
   def two_views(image):

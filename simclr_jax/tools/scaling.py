@@ -1,9 +1,9 @@
 r"""What the sharded NT-Xent costs per device, as the batch and the pod grow.
 
-The loss (losses.sharded_nt_xent, REFERENCE §1) runs inside shard_map: each
-of D devices holds b = N/D images (2b projections, both views), all-gathers
-the (2N x d) projections of the global batch, and scores its own 2b anchors
-against all 2N keys. So per device:
+The loss (losses.sharded_nt_xent; docs/algorithms.md#across-devices) runs
+inside shard_map: each of D devices holds b = N/D images (2b projections, both
+views), all-gathers the (2N x d) projections of the global batch, and scores
+its own 2b anchors against all 2N keys. So per device:
 
   similarity/logits matrix   (2b x 2N)  = 4 N^2 / D elements
   gathered projections       (2N x d)   = 2 N d elements

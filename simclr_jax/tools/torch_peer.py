@@ -5,12 +5,12 @@ process as the JAX step, on the same batch and image size, and reports the
 ratio of views per second. The peer is what a competent PyTorch user would
 write, not a strawman: torchvision's residual blocks, channels_last memory
 format, bfloat16 autocast on CUDA (float32 on CPU, where autocast would only
-add casts), optional `torch.compile`, the same NT-Xent with the paper's
-1/(2N) normalisation (REFERENCE §1), the projection head and online linear
-head of REFERENCE §2, and a fused (foreach) SGD-momentum step. The JAX step
-uses LARS, which adds two norms per layer, so the ratio if anything favours
-torch slightly. It runs on one device (the JAX figure should then come from a
-one-device mesh for a like-for-like ratio).
+add casts), optional `torch.compile`, the same NT-Xent with the paper's 1/(2N)
+normalisation (Chen et al. 2020a, Algorithm 1), the projection head and online
+linear head of docs/algorithms.md#model, and a fused (foreach) SGD-momentum
+step. The JAX step uses LARS, which adds two norms per layer, so the ratio if
+anything favours torch slightly. It runs on one device (the JAX figure should
+then come from a one-device mesh for a like-for-like ratio).
 
 Only this module imports torch; the rest of the package never does.
 """
@@ -51,7 +51,7 @@ class ResNet(nn.Module):
     super().__init__()
     block, layers = _LAYOUTS[depth]
     self.inplanes = _scaled(64, width_multiplier)
-    if cifar_stem:  # REFERENCE §2: 3x3 stride-1 conv, no max-pool.
+    if cifar_stem:  # 3x3 stride-1 conv, no max-pool (docs/algorithms.md#stems).
       stem = [nn.Conv2d(3, self.inplanes, 3, 1, 1, bias=False),
               nn.BatchNorm2d(self.inplanes), nn.ReLU(inplace=True)]
     else:
@@ -67,7 +67,7 @@ class ResNet(nn.Module):
     self.stages = nn.Sequential(*stages)
     self.out_dim = _scaled(512, width_multiplier) * block.expansion
     for m in self.modules():
-      # REFERENCE §2: the last BN gamma of every residual block starts at 0.
+      # Last BN gamma of every residual block starts at 0 (Goyal et al. 2017).
       if isinstance(m, tv_resnet.Bottleneck):
         nn.init.zeros_(m.bn3.weight)
       elif isinstance(m, tv_resnet.BasicBlock):
@@ -114,7 +114,7 @@ class SimCLRNet(nn.Module):
 
 def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor,
             temperature: float) -> torch.Tensor:
-  """NT-Xent, 1/(2N) * sum over the 2N anchors (REFERENCE §1)."""
+  """NT-Xent, 1/(2N) * sum over the 2N anchors (Chen et al. 2020a, Alg. 1)."""
   n = z_a.shape[0]
   z = F.normalize(torch.cat([z_a, z_b]).float(), dim=1)
   logits = z @ z.T / temperature

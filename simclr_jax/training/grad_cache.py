@@ -1,7 +1,7 @@
 """Gradient caching: the NT-Xent gradient of a large batch in chunk-sized memory.
 
 The contrastive loss couples every example of the global batch (each anchor is
-scored against all 2N keys, REFERENCE §1), so it cannot be split into
+scored against all 2N keys, Chen et al. 2020a), so it cannot be split into
 micro-batches and accumulated like a per-example loss. It only couples the
 examples through their projections z, though, which are tiny next to the
 encoder's activations. Gradient caching (Gao et al. 2021, "Scaling Deep

@@ -3,41 +3,25 @@
 `make_train_step` returns `train_step(state, batch, rng) -> (state, metrics)`,
 jitted once over the mesh: the batch is sharded on 'data', the state is
 replicated and donated. The encoder runs under plain jit on the global batch,
-so BatchNorm statistics are global (REFERENCE §2: global BN, both views in one
-batch); only the loss runs inside shard_map, where each device all-gathers the
-projections and scores its own rows against all 2N keys (REFERENCE §1).
+so BatchNorm statistics are global (Chen et al. 2020a, Sec. 2.2: global BN,
+both views in one batch); only the loss runs inside shard_map, where each
+device all-gathers the projections and scores its own rows against all 2N
+keys (docs/algorithms.md#across-devices).
 """
 
 from typing import Any, Callable
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 from jax.sharding import Mesh
 
 from simclr_jax.training import grad_cache
 from simclr_jax import methods
 from simclr_jax.runtime import parallel
-
-
-class TrainState(flax.struct.PyTreeNode):
-  """Everything that changes during pretraining; checkpointed as a whole."""
-  step: jax.Array
-  params: Any  # {'encoder', 'projection_head', 'linear_head'}
-  batch_stats: Any
-  opt_state: Any
-  # Method state (simclr_jax/methods): momentum encoder, queue, memory bank.
-  extra: Any = flax.struct.field(default_factory=dict)
-
-
-def init_variables(model: nn.Module, rng: jax.Array, image_size: int
-                   ) -> dict[str, Any]:
-  """Model variables from a dummy batch (shapes only depend on image size)."""
-  x = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
-  return model.init(rng, x, train=False)
+from simclr_jax.training.state import TrainState
+from simclr_jax.training.state import init_variables
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
@@ -102,9 +86,8 @@ def make_train_step(model: nn.Module,
                     schedule: Callable[[Any], Any],
                     mesh: Mesh,
                     *,
+                    method: methods.Method,
                     views_fn: Callable[[dict, jax.Array], jax.Array],
-                    method: methods.Method | None = None,
-                    temperature: float | None = None,
                     skip_nonfinite: bool = False,
                     compute_dtype: Any = jnp.float32,
                     grad_cache_chunks: int = 0,
@@ -117,10 +100,8 @@ def make_train_step(model: nn.Module,
     tx: the optimiser.
     schedule: step -> learning rate, for the metrics.
     mesh: 1-D mesh with axis 'data'.
+    method: the contrastive method (`methods.make_method`).
     views_fn: batch, rng -> (N, 2, S, S, 3) float views.
-    method: the contrastive method (simclr_jax/methods); None means SimCLR
-      with `temperature`.
-    temperature: NT-Xent temperature when `method` is None.
     skip_nonfinite: if the loss or gradients are not finite, keep the old
       state for this step (config on_nan='skip_step') and count it.
     compute_dtype: dtype the views are cast to before the encoder.
@@ -133,10 +114,6 @@ def make_train_step(model: nn.Module,
       update that makes state.step equal to this gets a NaN loss and NaN
       gradients, so tests can drive on_nan through the real jitted step.
   """
-  if method is None:
-    method = methods.SimCLR(
-        ml_collections.ConfigDict({'loss': {'temperature': temperature}}),
-        mesh=mesh, total_steps=0, num_train_examples=0)
   if grad_cache_chunks and not method.supports_grad_cache:
     raise ValueError(f'grad_cache_chunks={grad_cache_chunks} is not supported '
                      f'for method={method.name!r}: its loss needs more than '
@@ -181,6 +158,9 @@ def make_train_step(model: nn.Module,
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     updates = method.mask_frozen(updates, state.step)
     params = optax.apply_updates(state.params, updates)
+    # Outside the gradient; a skipped step (skip_nonfinite) keeps the old,
+    # already projected parameters.
+    params = method.project_params(params, state.step)
     extra = method.update_extra(state.extra, params, out.payload, state.step)
     new_state = state.replace(step=state.step + 1, params=params,
                               batch_stats=out.batch_stats,

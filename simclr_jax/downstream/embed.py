@@ -1,0 +1,62 @@
+"""A 2-D picture (PCA or t-SNE) of a run's test-split encoder features."""
+
+import io
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from etils import epath
+
+from simclr_jax.config import downstream as dcfg
+from simclr_jax.data import labelled
+from simclr_jax.downstream import common
+from simclr_jax.evaluation import features as features_lib
+from simclr_jax.models import resnet
+from simclr_jax.models.variables import split_variables
+from simclr_jax.runtime import parallel
+from simclr_jax.runtime import paths
+
+
+def run_embed(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Projects the features, writes embedding_<method>.png and .npz."""
+  from simclr_jax.evaluation import embedding  # pylint: disable=g-import-not-at-top
+  dcfg.check_embed(config)
+  e = config.embed
+  src_config, src_vars, src_step = common.load_source(config)
+  m = src_config.model
+  encoder = resnet.ResNet(
+      depth=m.depth, width_multiplier=m.width_multiplier, sk_ratio=m.sk_ratio,
+      cifar_stem=resnet.uses_cifar_stem(m, src_config.dataset.image_size),
+      maxpool_padding=m.get('maxpool_padding', 'torch'))
+  variables = split_variables(src_vars, 'encoder')
+  mesh = parallel.make_mesh()
+  apply = jax.jit(lambda v, x: encoder.apply(v, x, train=False))
+  feats, labels = [], []
+  for x, y in labelled.eval_chunks(config):
+    feats.append(features_lib.extract_features(
+        apply, x, config.eval.batch_size, mesh, variables=variables))
+    labels.append(y)
+  feats, labels = np.concatenate(feats), np.concatenate(labels)
+  if len(labels) > e.max_points:  # Seeded subsample keeps t-SNE fast.
+    keep = np.sort(np.random.default_rng(config.seed).choice(
+        len(labels), e.max_points, replace=False))
+    feats, labels = feats[keep], labels[keep]
+  t0 = time.time()
+  points = embedding.project_2d(feats, e.method, seed=config.seed)
+  path = os.path.join(workdir, f'embedding_{e.method}.png')
+  title = (f'{e.method.upper()} of {config.dataset.name} '
+           f'{config.dataset.eval_split} encoder features\n'
+           f'{config.init_from} (step {src_step})')
+  if jax.process_index() == 0:
+    embedding.plot_embedding(points, labels, path, title)
+    buffer = io.BytesIO()  # np.savez needs a seekable file; GCS has none.
+    np.savez(buffer, points=points, labels=labels)
+    epath.Path(workdir, f'embedding_{e.method}.npz').write_bytes(
+        buffer.getvalue())
+  return {'mode': 'embed', 'init_from': config.init_from,
+          'source_step': src_step, 'method': e.method,
+          'num_points': int(len(labels)), 'feature_dim': int(feats.shape[1]),
+          'png': paths.abspath(path), 'projection_wall_time_s':
+          time.time() - t0}

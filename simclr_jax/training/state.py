@@ -1,0 +1,49 @@
+"""The one train-state type every mode trains, and how it is built.
+
+Pretraining and the supervised modes (linear_eval, finetune, distill) all
+checkpoint a `TrainState`, so one loop saves, restores and resumes them all,
+and `checkpointing.load_run` reads any of them.
+"""
+
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from simclr_jax.runtime import parallel
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """Everything that changes during training; checkpointed as a whole."""
+  step: jax.Array
+  params: Any  # e.g. {'encoder', 'projection_head', 'linear_head'}
+  batch_stats: Any
+  opt_state: Any
+  # Method state (simclr_jax/methods): momentum encoder, queue, memory bank.
+  extra: Any = flax.struct.field(default_factory=dict)
+
+
+def init_variables(model: nn.Module, rng: jax.Array, image_size: int
+                   ) -> dict[str, Any]:
+  """Model variables from a dummy batch (shapes only depend on image size)."""
+  x = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
+  return model.init(rng, x, train=False)
+
+
+def variables_of(state: TrainState) -> dict[str, Any]:
+  """The variables `model.apply` needs, from a train state."""
+  return {'params': state.params, 'batch_stats': state.batch_stats}
+
+
+def create_state(tx: optax.GradientTransformation, variables: dict,
+                 mesh: Any, extra: Any = None) -> TrainState:
+  """A replicated train state at step 0 around existing variables."""
+  params = variables['params']
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                     batch_stats=variables.get('batch_stats', {}),
+                     opt_state=tx.init(params),
+                     extra={} if extra is None else extra)
+  return jax.device_put(state, parallel.replicated(mesh))
