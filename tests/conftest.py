@@ -1,7 +1,7 @@
 """Test setup: 8 virtual CPU devices unless the caller already chose.
 
 A persistent compilation cache shared by this session's tests and the
-training subprocesses they start: resume, fault and CLI tests compile the
+training subprocesses they start (one per pytest-xdist worker): resume, fault and CLI tests compile the
 same train step several times, and on a 2-core CI machine compilation is
 most of their cost. The cache lives in a fresh temporary directory, so no
 test can pass on a program compiled by an earlier session.
@@ -16,5 +16,13 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('TF_NUM_INTEROP_THREADS', '1')
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
                       tempfile.mkdtemp(prefix='simclr_jax_test_cache_'))
+# Under pytest-xdist every worker inherits the controller's environment, so
+# the workers would share one cache directory and could read an entry while
+# another process writes it; give each worker its own.
+if os.environ.get('PYTEST_XDIST_WORKER'):
+  _cache = os.path.join(os.environ['JAX_COMPILATION_CACHE_DIR'],
+                        os.environ['PYTEST_XDIST_WORKER'])
+  os.makedirs(_cache, exist_ok=True)
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _cache
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
