@@ -4,7 +4,7 @@ Per view, in the reference's order: convert to float in [0, 1]; random
 crop (sample_distorted_bounding_box, area 0.08-1, aspect 3/4-4/3, min object
 covered 0.1, 100 attempts) resized to size x size with bicubic; horizontal
 flip p=0.5; colour jitter p=0.8 (brightness, contrast, saturation, hue in a
-random order) then grayscale p=0.2; clip; Gaussian blur p=0.5.
+random order) then grayscale p=0.2; clip; Gaussian blur p=0.5; clip.
 
   augment.tf_view(image, size=224, color_strength=1.0, blur=True, seed=None)
   augment.jax_views(rng, images, size=224, color_strength=1.0, blur=True)

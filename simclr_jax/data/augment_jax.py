@@ -391,7 +391,8 @@ def apply_view(image: jax.Array, params: ViewParams, size: int) -> jax.Array:
   image = jnp.where(params.flip, image[:, :, ::-1], image)
   image = _apply_color_chw(image, params.color)
   image = jnp.clip(image, 0.0, 1.0)
-  return _hwc(_apply_blur_chw(image, params.blur))
+  # Clip again: a normalised kernel can overshoot 1 by a rounding step.
+  return _hwc(jnp.clip(_apply_blur_chw(image, params.blur), 0.0, 1.0))
 
 
 def _materialize(tree: Any) -> Any:

@@ -165,7 +165,8 @@ def apply_view(image: tf.Tensor, params: ViewParams, size: int) -> tf.Tensor:
   image = apply_color(image, params.color)
   image = tf.clip_by_value(image, 0.0, 1.0)
   image = apply_blur(image, params.blur, size)
-  return tf.ensure_shape(image, [size, size, 3])
+  # Clip again: a normalised kernel can overshoot 1 by a rounding step.
+  return tf.ensure_shape(tf.clip_by_value(image, 0.0, 1.0), [size, size, 3])
 
 
 def _image_hw(image: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
