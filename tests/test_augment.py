@@ -432,6 +432,33 @@ def test_finetune_views_gentle_crop_and_no_flip():
   np.testing.assert_allclose(tf_whole.numpy(), image / 255.0, atol=1e-5)
 
 
+def test_pretraining_views_crop_min_area_and_no_flip():
+  """config.augment.crop_min_area / flip reach both backends' view params;
+  the other draws (colour, blur) are those of the reference settings."""
+  ref = aj.sample_views_params(jax.random.key(6), 1000, 32, 32)
+  gentle = aj.sample_views_params(jax.random.key(6), 1000, 32, 32,
+                                  crop_min_area=0.5, flip=False)
+  area = np.asarray(gentle.crop.h) * np.asarray(gentle.crop.w) / 1024.0
+  assert area.min() >= 0.5 and not np.asarray(gentle.flip).any()
+  assert (np.asarray(ref.crop.h) * np.asarray(ref.crop.w) / 1024.0).min() < 0.5
+  assert 400 < np.asarray(ref.flip).sum() < 600
+  for a, b in zip(jax.tree.leaves(ref.color), jax.tree.leaves(gentle.color)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  tf_params = [at.sample_view_params(tf.constant([i, 7]), 32, 32,
+                                     crop_min_area=0.5, flip=False)
+               for i in range(200)]
+  assert not any(bool(p.flip) for p in tf_params)
+  assert min(int(p.crop.h) * int(p.crop.w) for p in tf_params) >= 512
+  # Through the public tf_view: area 1 and no flip leave only colour.
+  image = _image(32, 32)
+  view = augment.tf_view(image, 32, color_strength=0.0, blur=False,
+                         seed=tf.constant([3, 4]), crop_min_area=1.0,
+                         flip=False).numpy()
+  gray = np.dot(image / 255.0, aj.GRAY_WEIGHTS)[..., None]
+  assert (np.allclose(view, image / 255.0, atol=1e-5) or
+          np.allclose(view, np.broadcast_to(gray, view.shape), atol=1e-5))
+
+
 def test_eval_center_crop():
   image = _image(64, 48)
   # Crop side rint(0.875 * 48) = 42, offsets ((64-42)+1)//2 = 11 and

@@ -41,6 +41,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.augment.backend = 'tf'  # 'tf' (tf.data on host CPU) or 'jax' (on device).
   c.augment.color_strength = 0.5
   c.augment.blur = False
+  # Pretraining crop and flip: the reference's crop down to 8% of the area
+  # and its horizontal flip.
+  c.augment.crop_min_area = 0.08
+  c.augment.flip = True
   # The crop + flip of linear_eval, finetune and distill: the reference's
   # random crop down to 8% of the area and a horizontal flip. 8x8 digits
   # lose their class to both, so configs/digits.py sets gentler values.

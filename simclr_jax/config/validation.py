@@ -57,10 +57,11 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
   checks.positive('augment.color_strength', config.augment.color_strength,
                   allow_zero=True)
   checks.unit_interval('optim.momentum', config.optim.momentum)
-  area = config.augment.finetune_crop_min_area
-  if not 0.0 < area <= 1.0:  # Also rejects NaN.
-    raise ConfigError(f'config.augment.finetune_crop_min_area={area!r} is '
-                      'invalid: must be in (0, 1]')
+  for field in ('crop_min_area', 'finetune_crop_min_area'):
+    area = config.augment[field]
+    if not 0.0 < area <= 1.0:  # Also rejects NaN.
+      raise ConfigError(f'config.augment.{field}={area!r} is invalid: must '
+                        'be in (0, 1]')
   checks.integer('log_every_steps', config.log_every_steps, 1)
   checks.integer('checkpoint_every_steps', config.checkpoint_every_steps, 1)
   checks.integer('keep_checkpoints', config.keep_checkpoints, 1)

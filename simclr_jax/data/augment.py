@@ -9,6 +9,8 @@ random order) then grayscale p=0.2; clip; Gaussian blur p=0.5; clip.
   augment.tf_view(image, size=224, color_strength=1.0, blur=True, seed=None)
   augment.jax_views(rng, images, size=224, color_strength=1.0, blur=True)
 
+`crop_min_area` and `flip` (both functions) default to the reference's.
+
 The tf_* functions import TensorFlow on first call only, so the package (and
 the JAX path) work where TensorFlow is not installed.
 """
@@ -17,6 +19,7 @@ from typing import Any
 
 from simclr_jax.data.augment_jax import BlurParams
 from simclr_jax.data.augment_jax import ColorParams
+from simclr_jax.data.augment_jax import CROP_AREA_RANGE
 from simclr_jax.data.augment_jax import CropBox
 from simclr_jax.data.augment_jax import jax_eval
 from simclr_jax.data.augment_jax import jax_finetune_views
@@ -36,7 +39,9 @@ def _tf_backend():
 
 
 def tf_view(image: Any, size: int = 224, color_strength: float = 1.0,
-            blur: bool = True, seed: Any = None) -> Any:
+            blur: bool = True, seed: Any = None,
+            crop_min_area: float = CROP_AREA_RANGE[0],
+            flip: bool = True) -> Any:
   """One SimCLR view of one image, as a tf.Tensor.
 
   Args:
@@ -46,11 +51,14 @@ def tf_view(image: Any, size: int = 224, color_strength: float = 1.0,
     blur: whether to apply the p=0.5 Gaussian blur (ImageNet recipe).
     seed: optional shape-[2] int tensor for stateless ops (deterministic
       pipelines pass one); None draws one from tf.random.
+    crop_min_area: smallest crop area fraction (reference 0.08).
+    flip: whether to mirror with p=0.5 (reference True).
 
   Returns:
     float32 (size, size, 3) in [0, 1].
   """
-  return _tf_backend().tf_view(image, size, color_strength, blur, seed)
+  return _tf_backend().tf_view(image, size, color_strength, blur, seed,
+                               crop_min_area, flip)
 
 
 def tf_eval(image: Any, size: int) -> Any:

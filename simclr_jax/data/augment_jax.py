@@ -372,15 +372,21 @@ def apply_blur(image: jax.Array, params: BlurParams) -> jax.Array:
 
 def sample_view_params(key: jax.Array, height: int, width: int,
                        color_strength: float = 1.0,
-                       blur: bool = True) -> ViewParams:
-  """All random draws for one view of an (height, width) image."""
+                       blur: bool = True,
+                       crop_min_area: float = CROP_AREA_RANGE[0],
+                       flip: bool = True) -> ViewParams:
+  """All random draws for one view of an (height, width) image.
+
+  `crop_min_area` and `flip` default to the reference's; turning them off
+  keeps every other draw unchanged (same keys).
+  """
   k_crop, k_flip, k_color, k_blur = jax.random.split(key, 4)
   blur_params = sample_blur_params(k_blur)
   if not blur:
     blur_params = blur_params._replace(apply_blur=jnp.zeros((), bool))
   return ViewParams(
-      crop=sample_crop_box(k_crop, height, width),
-      flip=jax.random.uniform(k_flip) < FLIP_PROB,
+      crop=sample_crop_box(k_crop, height, width, crop_min_area),
+      flip=jax.random.uniform(k_flip) < (FLIP_PROB if flip else 0.0),
       color=sample_color_params(k_color, color_strength),
       blur=blur_params)
 
@@ -420,13 +426,17 @@ def _materialize(tree: Any) -> Any:
 
 
 @functools.partial(
-    jax.jit, static_argnames=('num', 'height', 'width', 'blur'))
+    jax.jit, static_argnames=('num', 'height', 'width', 'blur',
+                              'crop_min_area', 'flip'))
 def sample_views_params(rng: jax.Array, num: int, height: int, width: int,
                         color_strength: float = 1.0,
-                        blur: bool = True) -> ViewParams:
+                        blur: bool = True,
+                        crop_min_area: float = CROP_AREA_RANGE[0],
+                        flip: bool = True) -> ViewParams:
   """Params for `num` views, one key per example: jax.random.split(rng, num)."""
   sample = functools.partial(sample_view_params, height=height, width=width,
-                             color_strength=color_strength, blur=blur)
+                             color_strength=color_strength, blur=blur,
+                             crop_min_area=crop_min_area, flip=flip)
   return _materialize(jax.vmap(sample)(jax.random.split(rng, num)))
 
 
@@ -437,7 +447,9 @@ def apply_views(images: jax.Array, params: ViewParams, size: int) -> jax.Array:
 
 
 def jax_views(rng: jax.Array, images: jax.Array, size: int = 224,
-              color_strength: float = 1.0, blur: bool = True) -> jax.Array:
+              color_strength: float = 1.0, blur: bool = True,
+              crop_min_area: float = CROP_AREA_RANGE[0],
+              flip: bool = True) -> jax.Array:
   """One SimCLR view per image: (N, H, W, 3) uint8/float -> (N, size, size, 3).
 
   One key per example (jax.random.split(rng, N)); call twice with different
@@ -447,7 +459,8 @@ def jax_views(rng: jax.Array, images: jax.Array, size: int = 224,
   jit such as the train step. `color_strength` is traced (no recompiles).
   """
   n, height, width = images.shape[:3]
-  params = sample_views_params(rng, n, height, width, color_strength, blur)
+  params = sample_views_params(rng, n, height, width, color_strength, blur,
+                               crop_min_area, flip)
   return apply_views(images, params, size)
 
 

@@ -144,15 +144,17 @@ def apply_blur(image: tf.Tensor, params: BlurParams, size: int) -> tf.Tensor:
 
 def sample_view_params(seed: tf.Tensor, height, width,
                        color_strength: float = 1.0,
-                       blur: bool = True) -> ViewParams:
+                       blur: bool = True,
+                       crop_min_area: float = aj.CROP_AREA_RANGE[0],
+                       flip: bool = True) -> ViewParams:
   """All random draws for one view; mirrors augment_jax.sample_view_params."""
   s_crop, s_flip, s_color, s_blur = _split(seed, 4)
   blur_params = sample_blur_params(s_blur)
   if not blur:
     blur_params = blur_params._replace(apply_blur=tf.constant(False))
   return ViewParams(
-      crop=sample_crop_box(s_crop, height, width),
-      flip=_uniform(s_flip) < aj.FLIP_PROB,
+      crop=sample_crop_box(s_crop, height, width, crop_min_area),
+      flip=_uniform(s_flip) < (aj.FLIP_PROB if flip else 0.0),
       color=sample_color_params(s_color, color_strength),
       blur=blur_params)
 
@@ -175,11 +177,14 @@ def _image_hw(image: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
 
 
 def tf_view(image: tf.Tensor, size: int = 224, color_strength: float = 1.0,
-            blur: bool = True, seed: tf.Tensor | None = None) -> tf.Tensor:
+            blur: bool = True, seed: tf.Tensor | None = None,
+            crop_min_area: float = aj.CROP_AREA_RANGE[0],
+            flip: bool = True) -> tf.Tensor:
   """One SimCLR pretraining view (see augment.tf_view)."""
   seed = _default_seed() if seed is None else seed
   height, width = _image_hw(image)
-  params = sample_view_params(seed, height, width, color_strength, blur)
+  params = sample_view_params(seed, height, width, color_strength, blur,
+                              crop_min_area, flip)
   return apply_view(image, params, size)
 
 

@@ -194,7 +194,9 @@ def _two_views_fn(config: ml_collections.ConfigDict, tf: Any, epoch: int,
   epoch_key = tf.constant([int(config.seed), int(epoch)], tf.int64)
   kw = dict(size=int(config.dataset.image_size),
             color_strength=float(config.augment.color_strength),
-            blur=bool(config.augment.blur))
+            blur=bool(config.augment.blur),
+            crop_min_area=float(config.augment.crop_min_area),
+            flip=bool(config.augment.flip))
 
   def fn(image, label, index):
     views = [augment.tf_view(image, seed=_view_seed(tf, epoch_key, index, v),

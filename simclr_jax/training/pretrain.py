@@ -102,7 +102,7 @@ def make_step(setup: Setup):
   c = setup.config
   views_fn = train_step_lib.make_views_fn(
       c.augment.backend, c.dataset.image_size, c.augment.color_strength,
-      c.augment.blur)
+      c.augment.blur, c.augment.crop_min_area, c.augment.flip)
   return train_step_lib.make_train_step(
       setup.model, setup.tx, setup.schedule, setup.mesh,
       method=setup.method, views_fn=views_fn,

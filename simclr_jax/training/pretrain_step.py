@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from simclr_jax.data.augment_jax import CROP_AREA_RANGE
 from simclr_jax.training import grad_cache
 from simclr_jax import methods
 from simclr_jax.runtime import parallel
@@ -58,7 +59,8 @@ def _global_norm(tree: Any) -> jax.Array:
 
 
 def make_views_fn(augment_backend: str, image_size: int,
-                  color_strength: float, blur: bool
+                  color_strength: float, blur: bool,
+                  crop_min_area: float = CROP_AREA_RANGE[0], flip: bool = True
                   ) -> Callable[[dict, jax.Array], jax.Array]:
   """Returns batch, rng -> views (N, 2, S, S, 3) for either input mode.
 
@@ -73,7 +75,8 @@ def make_views_fn(augment_backend: str, image_size: int,
 
   def views(batch, rng):
     rng_a, rng_b = jax.random.split(rng)
-    kw = dict(size=image_size, color_strength=color_strength, blur=blur)
+    kw = dict(size=image_size, color_strength=color_strength, blur=blur,
+              crop_min_area=float(crop_min_area), flip=bool(flip))
     view_a = augment.jax_views(rng_a, batch['images'], **kw)
     view_b = augment.jax_views(rng_b, batch['images'], **kw)
     return jnp.stack([view_a, view_b], axis=1)
