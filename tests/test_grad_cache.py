@@ -80,10 +80,11 @@ def _sharded_grads(model, params, stats, x, labels, chunks, bn):
                         axis_name=parallel.DATA_AXIS),
       mesh=mesh, in_specs=(P(parallel.DATA_AXIS), P(parallel.DATA_AXIS)),
       out_specs=(P(), P()))
-  fn = jax.jit(functools.partial(
-      grad_cache.simclr_grads, model, contrastive_loss=contrastive,
+  # Host-driven: its programs are jitted inside; it is not itself jittable.
+  fn = grad_cache.SimCLRGradCache(
+      model, contrastive_loss=lambda a, b, ctx: contrastive(a, b),
       head_loss=methods.base.linear_head_loss,
-      num_chunks=chunks, mesh=mesh, bn=bn))
+      num_chunks=chunks, mesh=mesh, bn=bn)
   sharding = parallel.data_sharding(mesh)
   return fn(params, stats, jax.device_put(x, sharding),
             jax.device_put(labels, sharding))

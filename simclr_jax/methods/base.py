@@ -26,6 +26,7 @@ import dataclasses
 from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -35,9 +36,9 @@ from simclr_jax import losses
 Metrics = dict[str, jax.Array]
 
 
-@dataclasses.dataclass(frozen=True)
+@flax.struct.dataclass
 class StepBatch:
-  """What the step hands a method.
+  """What the step hands a method (a pytree, so programs can pass it on).
 
   Attributes:
     x: (2N, S, S, 3) views in compute dtype; rows 2i, 2i+1 = image i.

@@ -21,6 +21,7 @@ import dataclasses
 import json
 import sys
 import time
+from typing import Any
 
 import jax
 import numpy as np
@@ -59,13 +60,11 @@ def model_flops_per_device(config, setup, compiled, state, batch, key
   """FLOPs of one step per device, and where the figure comes from.
 
   The compiled SPMD program is the per-device program, so its cost analysis
-  is per device. XLA's cost analysis counts a loop body once, not once per
-  iteration, so with gradient caching (a lax.map and a lax.scan over chunks)
-  the compiled figure would undercount by about the chunk count; there the
-  figure is that of the plain step (the model FLOPs, which is also what MFU
-  conventionally counts: the recomputed forward pass is overhead, not useful
-  work), from its lowered (global, unpartitioned) program divided by the
-  device count.
+  is per device. With gradient caching the step is several programs, some
+  run once per chunk, and the useful work is the plain step's anyway (MFU
+  counts model FLOPs; the recomputed forward pass is overhead), so there the
+  figure is that of the plain step, from its lowered (global, unpartitioned)
+  program divided by the device count.
   """
   from simclr_jax.training import pretrain as train  # pylint: disable=g-import-not-at-top
   if not config.get('grad_cache_chunks', 0):
@@ -78,12 +77,7 @@ def model_flops_per_device(config, setup, compiled, state, batch, key
   return flops, 'lowered_cost_analysis_of_plain_step'
 
 
-def peak_memory(compiled) -> tuple[int | None, str | None, dict]:
-  """Peak device memory: the allocator's high-water mark where the backend
-  reports one (GPU, TPU), else XLA's static estimate for the compiled step
-  (arguments + outputs + temporaries - donated aliases; CPU has no
-  memory_stats)."""
-  analysis = {}
+def _memory_analysis(compiled) -> dict:
   try:
     m = compiled.memory_analysis()
     analysis = {k: int(getattr(m, k)) for k in (
@@ -91,29 +85,84 @@ def peak_memory(compiled) -> tuple[int | None, str | None, dict]:
         'alias_size_in_bytes', 'temp_size_in_bytes',
         'generated_code_size_in_bytes')}
   except Exception:  # pylint: disable=broad-except
-    pass
+    return {}
+  analysis['estimate_bytes'] = (
+      analysis['argument_size_in_bytes'] + analysis['output_size_in_bytes'] -
+      analysis['alias_size_in_bytes'] + analysis['temp_size_in_bytes'])
+  return analysis
+
+
+def peak_memory(programs: list[tuple[str, Any]]
+                ) -> tuple[int | None, str | None, dict]:
+  """Peak device memory: the allocator's high-water mark where the backend
+  reports one (GPU, TPU), else XLA's static estimate for the largest of the
+  step's compiled programs (arguments + outputs + temporaries - donated
+  aliases; CPU has no memory_stats). The plain step is one program; a
+  gradient-cached step is several, run one after another, and its arguments
+  (parameters, one chunk, the gradient accumulator) are what stays live
+  between them."""
+  analyses = {name: _memory_analysis(c) for name, c in programs}
+  largest = max(analyses, key=lambda n: analyses[n].get('estimate_bytes', -1))
+  analysis = dict(analyses[largest], program=largest)
   try:
     stats = jax.devices()[0].memory_stats() or {}
   except Exception:  # pylint: disable=broad-except
     stats = {}
   if stats.get('peak_bytes_in_use'):
     return int(stats['peak_bytes_in_use']), 'memory_stats', analysis
-  if analysis:
-    est = (analysis['argument_size_in_bytes'] +
-           analysis['output_size_in_bytes'] - analysis['alias_size_in_bytes'] +
-           analysis['temp_size_in_bytes'])
-    return est, 'compiled_memory_analysis', analysis
+  if 'estimate_bytes' in analysis:
+    return analysis['estimate_bytes'], 'compiled_memory_analysis', analysis
   return None, None, analysis
 
 
+def _abstract(tree: Any) -> Any:
+  """Arrays -> ShapeDtypeStruct with their shardings (survives donation)."""
+  return jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding)
+      if isinstance(a, jax.Array) else a, tree)
+
+
+def compile_programs(step_fn, state, batch, key):
+  """Compiles every program of one step.
+
+  Returns (programs [(name, compiled)], compile seconds, state, step to time).
+  The plain step is one jitted program, timed through its compiled form. The
+  gradient-cached step (pretrain_step.HostChunkedStep) is several programs
+  dispatched from the host: one step is run to record their arguments, each
+  distinct program is then compiled once more for its analysis, and the
+  timed step is the host-driven one.
+  """
+  if hasattr(step_fn, 'lower'):
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(state, batch, key).compile()
+    return [('step', compiled)], time.perf_counter() - t0, state, compiled
+  recorded = {}
+
+  def record(name, program, args):
+    recorded.setdefault(name, (program, _abstract(args)))
+
+  state, metrics = step_fn(state, batch, key, record=record)
+  jax.block_until_ready(metrics)
+  programs, compile_s = [], 0.0
+  for name, (program, args) in recorded.items():
+    t0 = time.perf_counter()
+    programs.append((name, program.lower(*args).compile()))
+    compile_s += time.perf_counter() - t0
+  return programs, compile_s, state, step_fn
+
+
 def benchmark_train_step(config, steps: int, warmup: int,
-                         profile_dir: str = '', profile_steps: int = 3
-                         ) -> dict:
-  """Times the config's jitted train step on synthetic device data."""
+                         profile_dir: str = '', profile_steps: int = 3,
+                         mesh=None) -> dict:
+  """Times the config's train step on synthetic device data.
+
+  `mesh` defaults to every device (the accelerator check passes a
+  one-device mesh for like-for-like comparisons).
+  """
   from simclr_jax.training import pretrain as train  # pylint: disable=g-import-not-at-top
 
   config.dataset.name = 'synthetic'
-  setup = train.build(config)
+  setup = train.build(config, mesh=mesh)
   mesh = setup.mesh
   step_fn = train.make_step(setup)
   state = train.initial_state(setup)
@@ -127,11 +176,10 @@ def benchmark_train_step(config, steps: int, warmup: int,
   host['labels'] = rng.integers(0, 10, (b,)).astype(np.int32)
   batch = parallel.to_global(host, mesh)
   key = jax.random.key(0)
-  t0 = time.perf_counter()
-  compiled = step_fn.lower(state, batch, key).compile()
-  compile_s = time.perf_counter() - t0
-  flops, flops_source = model_flops_per_device(config, setup, compiled, state,
-                                               batch, key)
+  programs, compile_s, state, compiled = compile_programs(step_fn, state, batch,
+                                                      key)
+  flops, flops_source = model_flops_per_device(config, setup, programs[0][1],
+                                               state, batch, key)
   metrics = None
   for _ in range(warmup):
     state, metrics = compiled(state, batch, key)
@@ -150,7 +198,7 @@ def benchmark_train_step(config, steps: int, warmup: int,
   devices = mesh.devices.size
   kind = jax.devices()[0].device_kind
   peak = peak_flops(kind)
-  mem, mem_source, mem_analysis = peak_memory(compiled)
+  mem, mem_source, mem_analysis = peak_memory(programs)
   m = config.model
   return {
       'mode': 'train_step',
@@ -178,6 +226,29 @@ def benchmark_train_step(config, steps: int, warmup: int,
       'final_loss': float(jax.device_get(metrics['loss'])),
       'profile_dir': profile_dir or None,
   }
+
+
+def grad_cache_suite(config, steps: int, warmup: int,
+                     cached_batch_multiplier: int = 4) -> dict:
+  """The plain step and gradient-cached steps side by side, in one process.
+
+  Rows: the config's batch B without caching; B in 2 chunks (the cost of
+  caching itself: one extra forward pass, ideally 4/3 of the time); and
+  B x `cached_batch_multiplier` in 8 chunks (a batch larger than the plain
+  step's, in chunks of B x multiplier / 8 images). Each row's
+  `time_per_image_vs_plain` is its step time per image over the plain row's.
+  """
+  b = config.batch_size
+  rows = []
+  for batch, chunks in ((b, 0), (b, 2), (cached_batch_multiplier * b, 8)):
+    c = config.copy_and_resolve_references()
+    c.batch_size, c.grad_cache_chunks = batch, chunks
+    rows.append(benchmark_train_step(c, steps, warmup))
+  per_image = rows[0]['step_time_s'] / rows[0]['global_batch']
+  for r in rows:
+    r['time_per_image_vs_plain'] = (r['step_time_s'] / r['global_batch'] /
+                                    per_image)
+  return {'mode': 'grad_cache', 'rows': rows}
 
 
 def torch_peer_row(config, steps: int, warmup: int, compile_step: bool
@@ -212,6 +283,22 @@ def main(argv):
   del argv
   if FLAGS.input_only:
     result = {'mode': 'input', 'rows': benchmark_input()}
+  elif FLAGS.suite == 'accelerator':
+    from simclr_jax.tools import accelerator_check  # pylint: disable=g-import-not-at-top
+    try:
+      result = accelerator_check.run_suite(
+          FLAGS.output_dir, smoke=FLAGS.smoke, budget_s=FLAGS.budget_s)
+    except ValueError as e:
+      print(f'error: {e}', file=sys.stderr)
+      sys.exit(2)
+    # Its JSON and markdown are in --output_dir; print the table.
+    print(accelerator_check.markdown(result))
+    return
+  elif FLAGS.suite == 'grad_cache':
+    if FLAGS.config is None:
+      print('error: --config is required', file=sys.stderr)
+      sys.exit(2)
+    result = grad_cache_suite(FLAGS.config, FLAGS.steps, FLAGS.warmup)
   else:
     if FLAGS.config is None:
       print('error: --config is required', file=sys.stderr)
@@ -249,6 +336,17 @@ def _define_flags() -> None:
                                   lock_config=False)
   flags.DEFINE_bool('input_only', False,
                     'Time view generation only (both backends, 32 and 224 px).')
+  flags.DEFINE_enum('suite', '', ['', 'grad_cache', 'accelerator'],
+                    'grad_cache: the plain step and gradient-cached steps '
+                    'side by side (grad_cache_suite). accelerator: the '
+                    'accelerator check (tools/accelerator_check.py; '
+                    'launch/accelerator_check.sh), written to --output_dir.')
+  flags.DEFINE_string('output_dir', '',
+                      '--suite=accelerator: where the JSON and markdown go.')
+  flags.DEFINE_bool('smoke', False,
+                    '--suite=accelerator: the same stages at toy sizes (CPU).')
+  flags.DEFINE_float('budget_s', 480.0,
+                     '--suite=accelerator: wall-clock budget for all stages.')
   flags.DEFINE_integer('steps', 10, 'Timed steps.')
   flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
   flags.DEFINE_integer('per_device_batch', 0,

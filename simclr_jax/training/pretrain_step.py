@@ -122,35 +122,20 @@ def make_train_step(model: nn.Module,
                      f'for method={method.name!r}: its loss needs more than '
                      'the projections (use 0)')
 
-  def gradients(state: TrainState, step_batch: methods.StepBatch):
-    """(grads, LossOutput) of the method's loss at state.params."""
-    if grad_cache_chunks:
-
-      def projection_loss(z_a, z_b):
-        loss, metrics = method.projection_loss(z_a, z_b, step_batch)
-        return loss, dict(metrics, contrastive_loss=loss)
-
-      grads, (metrics, batch_stats) = grad_cache.simclr_grads(
-          model, state.params, state.batch_stats, step_batch.x,
-          jnp.repeat(step_batch.labels, 2), contrastive_loss=projection_loss,
-          head_loss=methods.base.linear_head_loss,
-          num_chunks=grad_cache_chunks, mesh=mesh, bn=grad_cache_bn)
-      return grads, methods.LossOutput(metrics, batch_stats)
-    return jax.grad(
-        lambda p: method.loss(model, p, state.batch_stats, state.extra,
-                              step_batch), has_aux=True)(state.params)
-
-  def train_step(state: TrainState, batch: dict, rng: jax.Array
-                 ) -> tuple[TrainState, dict]:
+  def step_inputs(step: jax.Array, batch: dict, rng: jax.Array
+                  ) -> methods.StepBatch:
     views = views_fn(batch, rng)
     n = views.shape[0]
     # (N, 2, ...) -> (2N, ...) keeps each device's rows on that device (the
     # two views of an image are neighbours), so this is free under sharding.
     x = views.reshape((2 * n,) + views.shape[2:]).astype(compute_dtype)
-    step_batch = methods.StepBatch(
+    return methods.StepBatch(
         x=x, labels=batch['labels'], index=batch.get('index'),
-        rng=jax.random.fold_in(rng, 1), step=state.step)
-    grads, out = gradients(state, step_batch)
+        rng=jax.random.fold_in(rng, 1), step=step)
+
+  def apply_gradients(state: TrainState, grads: Any, out: methods.LossOutput
+                      ) -> tuple[TrainState, dict]:
+    """The update from the gradients on: optimiser, method state, metrics."""
     metrics = out.metrics
     grads = method.mask_frozen(grads, state.step)
     if inject_nan_at_step >= 0:
@@ -186,10 +171,78 @@ def make_train_step(model: nn.Module,
         skipped=1.0 - finite.astype(jnp.float32))
     return new_state, metrics
 
+  def train_step(state: TrainState, batch: dict, rng: jax.Array
+                 ) -> tuple[TrainState, dict]:
+    step_batch = step_inputs(state.step, batch, rng)
+    grads, out = jax.grad(
+        lambda p: method.loss(model, p, state.batch_stats, state.extra,
+                              step_batch), has_aux=True)(state.params)
+    return apply_gradients(state, grads, out)
+
   state_sharding = parallel.replicated(mesh)
   batch_sharding = parallel.data_sharding(mesh)
+  if grad_cache_chunks:
+    return HostChunkedStep(
+        model, mesh, method, step_inputs, apply_gradients,
+        num_chunks=grad_cache_chunks, bn=grad_cache_bn)
   return jax.jit(
       train_step,
       in_shardings=(state_sharding, batch_sharding, state_sharding),
       out_shardings=(state_sharding, state_sharding),
       donate_argnums=(0,))
+
+
+class HostChunkedStep:
+  """The train step with gradient caching, driven from the host.
+
+  Same signature and result as the jitted plain step, `(state, batch, rng)
+  -> (state, metrics)`, made of separately jitted programs: the views, the
+  chunked gradient (training/grad_cache.py) and the update. The state is
+  donated to the update program as in the plain step.
+  """
+
+  def __init__(self, model: nn.Module, mesh: Mesh, method: methods.Method,
+               step_inputs: Callable, apply_gradients: Callable, *,
+               num_chunks: int, bn: str):
+    state_sharding = parallel.replicated(mesh)
+    batch_sharding = parallel.data_sharding(mesh)
+
+    def projection_loss(z_a, z_b, step_batch):
+      loss, metrics = method.projection_loss(z_a, z_b, step_batch)
+      return loss, dict(metrics, contrastive_loss=loss)
+
+    def inputs(step, batch, rng):
+      step_batch = step_inputs(step, batch, rng)
+      # The linear head's labels, one per view.
+      return step_batch, jnp.repeat(step_batch.labels, 2)
+
+    self._inputs = jax.jit(
+        inputs, in_shardings=(state_sharding, batch_sharding, state_sharding))
+    self._grads = grad_cache.SimCLRGradCache(
+        model, contrastive_loss=projection_loss,
+        head_loss=methods.base.linear_head_loss, num_chunks=num_chunks,
+        mesh=mesh, bn=bn)
+    self._update = jax.jit(
+        lambda state, grads, metrics, stats: apply_gradients(
+            state, grads, methods.LossOutput(metrics, stats)),
+        out_shardings=(state_sharding, state_sharding),
+        donate_argnums=(0,))
+
+  def __call__(self, state: TrainState, batch: dict, rng: jax.Array,
+               record: grad_cache.Recorder = None
+               ) -> tuple[TrainState, dict]:
+    """One step; `record` as in grad_cache.ChunkedValueAndGrad.__call__."""
+
+    def run(name, program, *args):
+      if record is not None:
+        record(name, program, args)
+      return program(*args)
+
+    step_batch, labels = run('inputs', self._inputs, state.step, batch, rng)
+    x = step_batch.x
+    # The loss reads labels, index, rng and step, not the views themselves.
+    grads, (metrics, stats) = self._grads(
+        state.params, state.batch_stats, x, labels,
+        step_batch.replace(x=None), record=record)
+    del step_batch, x
+    return run('update', self._update, state, grads, metrics, stats)
