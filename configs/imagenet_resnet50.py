@@ -14,6 +14,7 @@ from simclr_jax.config import defaults
 
 def get_config():
   c = defaults.base_config()
+  c.requires_accelerator = True  # CPU-only JAX is refused (--allow_cpu).
   c.dataset.name = 'imagenet2012'
   c.dataset.image_size = 224
   c.dataset.raw_size = 256

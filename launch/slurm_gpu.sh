@@ -18,6 +18,12 @@
 # Either way each process uses only GPU number $SLURM_LOCALID of its node
 # (JAX's Slurm detection sets this).
 #
+# Install once on a node with the cluster's CUDA driver:
+#   pip install -e '.[cuda]'
+# (plain `pip install -e .` gives CPU-only jaxlib; this script exports
+# SIMCLR_JAX_REQUIRE_ACCELERATOR=1, so such a run stops with one line instead
+# of training on the CPUs).
+#
 # Preemption: Slurm sends SIGTERM 5 minutes before the end (--signal); the
 # train loop finishes its step, checkpoints and exits, and the requeued job
 # (same command, same WORKDIR) resumes where it stopped.
@@ -58,4 +64,5 @@ pid_flag='--process_id=$SLURM_PROCID'  # Literal: the task's shell expands it.
 if [[ "${JAX_AUTO:-0}" == 1 ]]; then
   pid_flag=''
 fi
+export SIMCLR_JAX_REQUIRE_ACCELERATOR=1
 srun --kill-on-bad-exit=1 bash -c "exec $python -m simclr_jax.main$args $pid_flag"

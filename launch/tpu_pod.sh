@@ -14,7 +14,9 @@
 # overrides it with any directory every host sees (a Filestore or gcsfuse
 # mount).
 # REPO_DIR: where this repository is checked out and installed on every host
-# (~/simclr_jax); SETUP=1 first runs `pip install -e .` there on all hosts.
+# (~/simclr_jax); SETUP=1 first runs `pip install -e '.[tpu]'` there on all
+# hosts (plain `pip install -e .` would install CPU-only jaxlib, and the run
+# would be refused: SIMCLR_JAX_REQUIRE_ACCELERATOR=1 below).
 # PYTHON: the interpreter on the hosts (python3).
 #
 # Stopping: Ctrl-C here does not stop the remote processes; use
@@ -40,9 +42,10 @@ ssh_all() {
 }
 
 if [[ "${SETUP:-0}" == 1 ]]; then
-  ssh_all "cd $repo_dir && $python -m pip install -q -e ."
+  ssh_all "cd $repo_dir && $python -m pip install -q -e '.[tpu]'"
 fi
 
 args=$(printf ' %q' --config="$config" --workdir="$workdir" \
        --config.dataset.data_dir="$data_dir" --distributed "$@")
-ssh_all "cd $repo_dir && $python -m simclr_jax.main$args"
+# Refuse to train on the hosts' CPUs if JAX was installed without TPU support.
+ssh_all "cd $repo_dir && SIMCLR_JAX_REQUIRE_ACCELERATOR=1 $python -m simclr_jax.main$args"

@@ -37,6 +37,10 @@ flags.DEFINE_integer('stop_after_steps', None,
 flags.DEFINE_bool('distributed', False,
                   'Call jax.distributed.initialize() with no arguments, '
                   'letting JAX detect the cluster (Cloud TPU, Slurm).')
+flags.DEFINE_bool('allow_cpu', False,
+                  'Run an accelerator recipe (config.requires_accelerator) '
+                  'or a run under an accelerator launch script even though '
+                  'JAX sees only CPU devices.')
 flags.DEFINE_integer('initialization_timeout', 300,
                      'Seconds to wait for the coordinator and every process '
                      'to join a multi-process job before exiting with one '
@@ -150,6 +154,11 @@ def main(argv):
   if not FLAGS.workdir:
     _fail('--workdir is required')
   _initialize_distributed()
+  from simclr_jax.runtime import accelerator  # pylint: disable=g-import-not-at-top
+  try:
+    accelerator.check(FLAGS.config, FLAGS.allow_cpu)
+  except accelerator.AcceleratorError as e:
+    _fail(str(e))
   if FLAGS.mode == 'pretrain':
     run_pretrain(FLAGS.config, FLAGS.workdir)
   else:

@@ -91,3 +91,24 @@ def test_torch_peer_loss_is_the_same_nt_xent():
   want = losses.nt_xent(jnp.asarray(a), jnp.asarray(b), temperature=0.3)
   got = torch_peer.nt_xent(torch.from_numpy(a), torch.from_numpy(b), 0.3)
   np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+
+
+def test_jpeg_input_benchmark_reads_what_it_wrote(tmp_path):
+  from simclr_jax.tools import input_benchmark  # pylint: disable=g-import-not-at-top
+  tf = pytest.importorskip('tensorflow')
+  info = input_benchmark.write_jpeg_records(str(tmp_path), 6, num_shards=2,
+                                            height=40, width=48)
+  records = [tf.train.Example.FromString(r.numpy()) for p in info['paths']
+             for r in tf.data.TFRecordDataset(p)]
+  assert len(records) == 6
+  images = [tf.io.decode_jpeg(r.features.feature['image'].bytes_list.value[0])
+            for r in records]
+  assert {tuple(i.shape) for i in images} == {(40, 48, 3)}
+  for backend, size in (('tf', 32), ('jax', 32)):
+    r = input_benchmark.measure_jpeg_throughput(backend, size, batch_size=4,
+                                                num_batches=2, num_images=8)
+    assert r['backend'] == backend and r['items_per_sec'] > 0
+    assert r['views_fed_per_sec'] == pytest.approx(2 * r['items_per_sec'])
+    assert r['cores_for_target'] == pytest.approx(
+        7000.0 * r['num_cpu_cores'] / r['views_fed_per_sec'])
+    assert r['mean_jpeg_bytes'] > 1000

@@ -135,3 +135,27 @@ def test_default_run_prints_only_the_projects_lines(tmp_path):
   for own in ('Pretraining digits: 2 steps', 'step 2/2', 'checkpoint',
               'Results: ', 'results.json'):
     assert own in text, (own, lines)
+
+
+def test_accelerator_recipe_on_cpu_is_refused_unless_asked(tmp_path):
+  r = _main(f'--workdir={tmp_path}/a', devices=1,
+            config='imagenet_resnet50.py')
+  assert r.returncode == 2, r.stderr[-2000:]
+  last = r.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: this recipe sets config.requires_accelerator')
+  assert "pip install -e '.[cuda]'" in last and '--allow_cpu' in last
+  assert '1 x cpu (cpu), 1 process' in last
+  # An accelerator launch script's variable refuses any recipe.
+  r = _main(f'--workdir={tmp_path}/b', devices=1,
+            env={'SIMCLR_JAX_REQUIRE_ACCELERATOR': '1'})
+  assert r.returncode == 2
+  assert 'SIMCLR_JAX_REQUIRE_ACCELERATOR=1' in r.stderr.strip().splitlines(
+  )[-1]
+  # --allow_cpu gets past the check: the run goes on to look for ImageNet
+  # (not prepared here), which is a different error.
+  r = _main(f'--workdir={tmp_path}/c', '--allow_cpu',
+            f'--config.dataset.data_dir={tmp_path}/tfds', devices=1,
+            config='imagenet_resnet50.py')
+  assert r.returncode != 0
+  assert 'requires_accelerator' not in r.stderr
+  assert 'imagenet2012' in r.stderr.strip().splitlines()[-1]

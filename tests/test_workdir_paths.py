@@ -12,6 +12,7 @@ unmangled, and saves and restores on a local path.
 import json
 import os
 import sys
+import subprocess
 
 import jax
 import numpy as np
@@ -258,3 +259,34 @@ def test_checkpointer_local_save_restore(tmp_path):
   raw, step = checkpointing.restore_raw(str(tmp_path / 'ckpt'))
   assert step == 3
   np.testing.assert_array_equal(raw['w'], np.arange(4.0))
+
+
+def test_tensorboard_curves_without_tensorflow(tmp_path):
+  """The event files come from tensorboard's own writer: a process where
+  TensorFlow cannot be imported still writes curves TensorBoard reads."""
+  block = tmp_path / 'block'
+  (block / 'tensorflow').mkdir(parents=True)
+  (block / 'tensorflow' / '__init__.py').write_text(
+      'raise ImportError("blocked")\n')
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  code = ('import sys\n'
+          'from simclr_jax.runtime import metric_writer\n'
+          f'w = metric_writer.MetricWriter({str(workdir)!r}, enabled=True)\n'
+          'w.write(1, {"loss": 2.5, "lr": 0.1})\n'
+          'w.write(2, {"loss": 1.25, "lr": 0.2})\n'
+          'w.close()\n'
+          'assert "tensorflow" not in sys.modules or '
+          'sys.modules["tensorflow"] is None\n')
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  r = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                     text=True, cwd=root,
+                     env=dict(os.environ, PYTHONPATH=f'{block}:{root}'))
+  assert r.returncode == 0, r.stderr[-2000:]
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  acc = event_accumulator.EventAccumulator(str(workdir / 'tensorboard'))
+  acc.Reload()
+  assert sorted(acc.Tags()['scalars']) == ['loss', 'lr']
+  assert [(e.step, e.value) for e in acc.Scalars('loss')] == [(1, 2.5),
+                                                              (2, 1.25)]
+  assert [e.value for e in acc.Scalars('lr')] == pytest.approx([0.1, 0.2])

@@ -13,6 +13,9 @@ def base_config() -> ml_collections.ConfigDict:
   """Returns the full config schema with reference defaults."""
   c = ml_collections.ConfigDict()
   c.seed = 0
+  # An accelerator recipe: main refuses to run it on CPU-only JAX unless
+  # --allow_cpu (runtime/accelerator.py). Set by the ImageNet-scale configs.
+  c.requires_accelerator = False
   c.method = 'simclr'
   # Downstream modes (linear_eval, finetune, distill, embed, export) start from
   # the checkpoint of the run whose --workdir this names.

@@ -1,8 +1,12 @@
-"""Scalar metrics to JSON lines and, when TensorFlow is present, TensorBoard.
+"""Scalar metrics to JSON lines and TensorBoard event files.
 
 Only process 0 writes (multi-host runs would otherwise write N copies). The
-JSON-lines file is always written so runs without TensorFlow (the on-device
-augmentation path) still leave a machine-readable history.
+JSON-lines file is always written. TensorBoard summaries come from the
+`tensorboard` package's own event writer, which needs no TensorFlow, so runs
+on the on-device augmentation path (an accelerator machine without
+TensorFlow) keep their curves too. Where TensorFlow is installed that writer
+uses TF's file system layer (gs:// and other remote paths); without it, local
+paths.
 
 The workdir may be local or remote (gs://...; see `paths`). Locally
 metrics.jsonl is appended to. Object stores cannot append, so for a remote
@@ -15,6 +19,7 @@ each write is then as durable as a local flushed append. The file stays small
 import json
 import math
 import os
+import time
 from typing import Mapping
 
 import jax
@@ -50,15 +55,17 @@ class MetricWriter:
           jsonl.read_text().splitlines(keepends=True) if jsonl.exists()
           else [])
     try:
-      import tensorboard  # pylint: disable=g-import-not-at-top,unused-import
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
-      tf.config.set_visible_devices([], 'GPU')
-      self._tf = tf
-      self._tb = tf.summary.create_file_writer(
+      # pylint: disable=g-import-not-at-top
+      from tensorboard.compat.proto import event_pb2
+      from tensorboard.compat.proto import summary_pb2
+      from tensorboard.summary.writer import event_file_writer
+      # pylint: enable=g-import-not-at-top
+      self._pb = (event_pb2, summary_pb2)
+      self._tb = event_file_writer.EventFileWriter(
           os.path.join(workdir, 'tensorboard'))
     except ImportError:
-      logging.info('TensorFlow/TensorBoard not installed: no TensorBoard '
-                   'summaries, only metrics.jsonl.')
+      logging.info('tensorboard not installed: no TensorBoard summaries, '
+                   'only metrics.jsonl.')
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self.enabled:
@@ -71,9 +78,12 @@ class MetricWriter:
       self._jsonl.write(line)
       self._jsonl.flush()
     if self._tb is not None:
-      with self._tb.as_default(step=step):
-        for k, v in scalars.items():
-          self._tf.summary.scalar(k, v)
+      event_pb2, summary_pb2 = self._pb
+      summary = summary_pb2.Summary(value=[
+          summary_pb2.Summary.Value(tag=k, simple_value=float(v))
+          for k, v in scalars.items()])
+      self._tb.add_event(event_pb2.Event(wall_time=time.time(), step=step,
+                                         summary=summary))
       self._tb.flush()
 
   def close(self) -> None:

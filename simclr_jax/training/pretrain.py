@@ -26,6 +26,7 @@ from simclr_jax.config import validation as config_validation
 from simclr_jax.config.validation import ConfigError
 from simclr_jax.evaluation import knn_monitor
 from simclr_jax.evaluation import readout
+from simclr_jax.runtime import accelerator
 from simclr_jax.runtime import optim
 from simclr_jax.runtime import parallel
 from simclr_jax.training import loop
@@ -203,9 +204,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str,
   input_stats = {}  # The stream counts corrupt images it skipped here.
   spec = loop_spec(setup, workdir, input_stats)
   logging.info('Pretraining %s: %d steps (%d per epoch), global batch %d on '
-               '%d devices', config.dataset.name, setup.total_steps,
-               setup.steps_per_epoch, config.batch_size,
-               setup.mesh.devices.size)
+               '%s', config.dataset.name, setup.total_steps,
+               setup.steps_per_epoch, config.batch_size, accelerator.describe())
   corrupt = lambda: {'corrupt_images_skipped': input_stats.get(
       'corrupt_images_skipped', 0)}
   out = loop.run(spec, initial_state(setup), workdir,
