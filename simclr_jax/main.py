@@ -15,11 +15,15 @@ import json
 import math
 import os
 import sys
+import time
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+# results.json's wall time counts from here (imports before it are small).
+_START = time.monotonic()
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Recipe file (configs/*.py).',
@@ -86,6 +90,15 @@ def write_results(workdir: str, results: dict, name: str = 'results.json'
   return path
 
 
+def _provenance(config, mode: str = 'pretrain') -> dict:
+  """results.json's provenance block; wall time counts from program start."""
+  from simclr_jax.runtime import provenance  # pylint: disable=g-import-not-at-top
+  section = config.get(mode)
+  batch = (section.get('batch_size') if section is not None and
+           hasattr(section, 'get') else None)
+  return provenance.collect(config, time.monotonic() - _START, batch)
+
+
 def _stop_after_steps() -> int | None:
   """--stop_after_steps, or None when called as a library (flags unparsed)."""
   return FLAGS.stop_after_steps if FLAGS.is_parsed() else None
@@ -110,6 +123,7 @@ def run_pretrain(config, workdir: str) -> dict:
   results = dict(out)
   if not out['interrupted']:
     results.update(train.evaluate_encoder(setup, state))
+  results['provenance'] = _provenance(config)
   path = write_results(workdir, results)
   logging.info('Results: %s', json.dumps(_json_safe(
       {k: v for k, v in results.items() if k != 'final_metrics'})))
@@ -138,6 +152,7 @@ def run_downstream(mode: str, config, workdir: str) -> dict:
     _fail(str(e), code=1)
   except (ValueError, FileNotFoundError) as e:
     _fail(str(e))
+  results['provenance'] = _provenance(config, mode)
   path = write_results(workdir, results)
   logging.info('Results: %s', json.dumps(_json_safe(results)))
   logging.info('Wrote %s', path)

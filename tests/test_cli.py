@@ -1,5 +1,7 @@
 """Bad input ends with one clear line on stderr, not a traceback."""
 
+import importlib.metadata
+import json
 import os
 import re
 import subprocess
@@ -133,8 +135,24 @@ def test_default_run_prints_only_the_projects_lines(tmp_path):
                 'tensorflow', 'Traceback'):
     assert noise not in text, noise
   for own in ('Pretraining digits: 2 steps', 'step 2/2', 'checkpoint',
-              'Results: ', 'results.json'):
+              'Results: ', 'results.json', 'on 8 x cpu (cpu), 1 process'):
     assert own in text, (own, lines)
+  # results.json says what made it.
+  with open(tmp_path / 'results.json') as f:
+    prov = json.load(f)['provenance']
+  head = subprocess.run(['git', '-C', ROOT, 'rev-parse', 'HEAD'],
+                        capture_output=True, text=True).stdout.strip()
+  if head:  # The suite runs from a checkout (CI clones the repository).
+    assert prov['code']['source'] == 'git'
+    assert prov['code']['version'] in (head, head + '-dirty')
+  assert prov['platform'] == 'cpu' and prov['device_count'] == 8
+  assert prov['process_count'] == 1 and prov['compute_dtype'] == 'float32'
+  batch = int(next(a for a in TINY if a.startswith('--config.batch_size='))
+              .split('=')[1])
+  assert prov['global_batch'] == batch
+  assert prov['per_device_batch'] == batch // 8
+  assert prov['libraries']['jax'] == importlib.metadata.version('jax')
+  assert prov['wall_time_s'] > 0
 
 
 def test_accelerator_recipe_on_cpu_is_refused_unless_asked(tmp_path):

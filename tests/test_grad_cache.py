@@ -265,3 +265,24 @@ def test_config_validation_rejects_uneven_chunks():
   c.grad_cache_bn = 'sometimes'
   with pytest.raises(config_validation.ConfigError, match='grad_cache_bn'):
     config_validation.validate(c, num_devices=8)
+
+
+def test_max_batch_per_device_picks_the_fewest_chunks_that_fit():
+  for per_device, limit, want in ((512, 256, 2), (384, 256, 2), (300, 128, 3),
+                                  (7, 3, 7), (128, 256, 0), (128, 0, 0)):
+    chunks = grad_cache.chunks_for(per_device, limit)
+    assert chunks == want, (per_device, limit, chunks)
+    if chunks:  # Every chunk fits and they tile the batch.
+      assert per_device % chunks == 0 and per_device // chunks <= limit
+  from simclr_jax.training import pretrain  # pylint: disable=g-import-not-at-top
+  c = defaults.base_config()
+  c.dataset.name = 'digits'
+  c.batch_size = 192  # 24 per device on 8 devices.
+  c.max_batch_per_device = 10
+  setup = pretrain.build(c)
+  assert setup.config.grad_cache_chunks == 3  # 24 = 3 x 8 <= 10.
+  c = defaults.base_config()
+  c.dataset.name = 'digits'
+  c.batch_size = 64
+  c.max_batch_per_device = 8
+  assert pretrain.build(c).config.grad_cache_chunks == 0  # 8 already fits.

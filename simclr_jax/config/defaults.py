@@ -121,6 +121,9 @@ def base_config() -> ml_collections.ConfigDict:
   # ('frozen', exact full-batch gradient, no statistic updates).
   c.grad_cache_chunks = 0
   c.grad_cache_bn = 'per_chunk'
+  # > 0: a per-device batch larger than this turns on gradient caching with
+  # the fewest chunks that fit (when grad_cache_chunks is 0); the log says so.
+  c.max_batch_per_device = 0
   c.num_epochs = 100
   c.train_steps = 0  # > 0 overrides num_epochs.
 

@@ -65,6 +65,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
   checks.integer('log_every_steps', config.log_every_steps, 1)
   checks.integer('checkpoint_every_steps', config.checkpoint_every_steps, 1)
   checks.integer('keep_checkpoints', config.keep_checkpoints, 1)
+  checks.integer('max_batch_per_device', config.get('max_batch_per_device', 0),
+                 0)
   checks.integer('train_steps', config.train_steps, 0)
   checks.positive('num_epochs', config.num_epochs, allow_zero=True)
   if config.train_steps <= 0 and config.num_epochs <= 0:

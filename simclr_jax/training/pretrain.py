@@ -29,6 +29,7 @@ from simclr_jax.evaluation import readout
 from simclr_jax.runtime import accelerator
 from simclr_jax.runtime import optim
 from simclr_jax.runtime import parallel
+from simclr_jax.training import grad_cache
 from simclr_jax.training import loop
 from simclr_jax.training import pretrain_step as train_step_lib
 from simclr_jax.training import state as state_lib
@@ -74,14 +75,35 @@ def _data_position(setup: Setup, step: int) -> dict:
           'seed': setup.config.seed, 'dataset': setup.config.dataset.name}
 
 
+def _fit_batch_to_memory(config: ml_collections.ConfigDict,
+                         num_devices: int) -> bool:
+  """config.max_batch_per_device: turns on gradient caching when needed
+  (returns whether it did)."""
+  limit = config.get('max_batch_per_device', 0)
+  if config.get('grad_cache_chunks', 0) or not limit:
+    return False
+  per_device = int(config.batch_size) // max(1, num_devices)
+  chunks = grad_cache.chunks_for(per_device, limit)
+  if chunks:
+    config.grad_cache_chunks = chunks
+    logging.info('Per-device batch %d > max_batch_per_device %d: gradient '
+                 'caching in %d chunks of %d images per device.', per_device,
+                 limit, chunks, per_device // chunks)
+  return bool(chunks)
+
+
 def build(config: ml_collections.ConfigDict, mesh=None) -> Setup:
   """Validates the config and builds model, optimiser and schedule."""
   from simclr_jax.data import datasets  # pylint: disable=g-import-not-at-top
   from simclr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 
   mesh = parallel.make_mesh() if mesh is None else mesh
-  config_validation.validate(config, num_devices=mesh.devices.size,
-                             process_count=jax.process_count())
+  validate = lambda: config_validation.validate(
+      config, num_devices=mesh.devices.size,
+      process_count=jax.process_count())
+  validate()
+  if _fit_batch_to_memory(config, mesh.devices.size):
+    validate()  # The chunk count it chose, with the method and the mesh.
   info = datasets.dataset_info(config)
   steps_per_epoch = pipeline.steps_per_epoch(config, info)
   if steps_per_epoch <= 0:

@@ -1,0 +1,510 @@
+r"""Scaling studies as one command: a grid of ordinary runs, then one report.
+
+  python -m simclr_jax.study --config=configs/digits.py --workdir=STUDY \
+      --sweep=batch_size=64,128,256,512,1024 --sweep=num_epochs=15,30
+  python -m simclr_jax.study --workdir=STUDY --point=3   # one point (array job)
+  python -m simclr_jax.study --report=STUDY              # study.json/.md/PNGs
+
+Each point of the grid is an ordinary run of `python -m simclr_jax.main` in
+`STUDY/points/<name>/`, so every point gets the main command's resume,
+preemption safety and evaluation. The grid is fixed in `STUDY/study_spec.json`
+by the first invocation; later ones (`--point=K`, a re-run, another host)
+read it, and a different grid for an existing study is refused.
+
+Fair budgets: the sweep fixes epochs, not steps, and each point's learning
+rate follows the recipe's scaling rule (`optim.lr_scaling`, base x B/256 or
+x sqrt(B)) with warmup in epochs, so a point at batch 4096 is the recipe at
+4096, as in SimCLR's batch-size study (Chen et al. 2020a, Fig. 9). Every
+point records its effective settings. With `--max_batch_per_device=N` a
+point whose per-device batch is larger runs with gradient caching at the
+fewest chunks that fit (`config.max_batch_per_device`), and its log and
+results say so.
+
+Points run one after another by default; `--point=K` runs one, so a cluster
+array job runs a study in parallel (launch/study_slurm_array.sh). A finished
+point (results.json, not interrupted) is skipped; an interrupted one resumes.
+SIGTERM/SIGINT go to the running point, which checkpoints and exits; the
+study then stops without starting another point.
+"""
+
+import ast
+import itertools
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+from typing import Any, Sequence
+
+SPEC = 'study_spec.json'
+POINTS = 'points'
+# Read-outs copied from each point's results.json into the report.
+_READOUTS = ('linear_probe_accuracy', 'knn_accuracy', 'fewshot_probe_accuracy')
+
+
+class StudyError(ValueError):
+  pass
+
+
+# The grid.
+
+
+def parse_value(text: str) -> Any:
+  """'256' -> 256, '0.5' -> 0.5, 'True' -> True, 'sqrt' -> 'sqrt'."""
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def parse_sweeps(sweeps: Sequence[str]) -> list[tuple[str, list[Any]]]:
+  """['batch_size=64,128', ...] -> [('batch_size', [64, 128]), ...]."""
+  axes = []
+  for sweep in sweeps:
+    field, sep, values = sweep.partition('=')
+    field = field.strip()
+    if field.startswith('config.'):
+      field = field[len('config.'):]
+    if not sep or not field or not values.strip():
+      raise StudyError(f'--sweep={sweep!r} must look like FIELD=V1,V2,... '
+                       '(e.g. batch_size=256,512)')
+    if not re.fullmatch(r'[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*',
+                        field):
+      raise StudyError(f'--sweep field {field!r} is not a config field path')
+    if field in (f for f, _ in axes):
+      raise StudyError(f'--sweep names {field} twice; give each field once')
+    parsed = [parse_value(v.strip()) for v in values.split(',')]
+    if len(set(map(repr, parsed))) != len(parsed):
+      raise StudyError(f'--sweep={sweep!r} repeats a value')
+    axes.append((field, parsed))
+  if not axes:
+    raise StudyError('a new study needs at least one --sweep=FIELD=V1,V2,...')
+  return axes
+
+
+def _slug(value: Any) -> str:
+  return re.sub(r'[^A-Za-z0-9.+-]+', '_', str(value)).strip('_') or '_'
+
+
+def point_name(settings: dict[str, Any]) -> str:
+  """{'batch_size': 256, 'optim.lr_scaling': 'sqrt'} ->
+  'batch_size-256__optim.lr_scaling-sqrt' (filesystem-safe, unique)."""
+  return '__'.join(f'{field}-{_slug(v)}' for field, v in settings.items())
+
+
+def expand(axes: list[tuple[str, list[Any]]]) -> list[dict[str, Any]]:
+  """The grid in row-major order (the last axis varies fastest)."""
+  fields = [f for f, _ in axes]
+  points = []
+  for index, values in enumerate(itertools.product(*(v for _, v in axes))):
+    settings = dict(zip(fields, values))
+    points.append({'index': index, 'name': point_name(settings),
+                   'settings': settings})
+  names = [p['name'] for p in points]
+  if len(set(names)) != len(names):
+    raise StudyError('two points of the grid get the same directory name; '
+                     'use values that differ in letters or digits')
+  return points
+
+
+def make_spec(config: str, axes, overrides: Sequence[str],
+              max_batch_per_device: int) -> dict[str, Any]:
+  return {'config': config, 'axes': [[f, v] for f, v in axes],
+          'overrides': list(overrides),
+          'max_batch_per_device': int(max_batch_per_device),
+          'points': expand(axes)}
+
+
+def _write_json(path: str, obj: Any) -> None:
+  tmp = f'{path}.tmp.{os.getpid()}'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=1, sort_keys=True)
+  os.replace(tmp, path)  # Atomic: concurrent --point runs never see half.
+
+
+def load_or_create_spec(workdir: str, config: str | None,
+                        sweeps: Sequence[str], overrides: Sequence[str],
+                        max_batch_per_device: int) -> dict[str, Any]:
+  """The study's grid: created on first use, then read back and checked."""
+  path = os.path.join(workdir, SPEC)
+  new = None
+  if config or sweeps:
+    if not config:
+      raise StudyError('--sweep needs --config=RECIPE')
+    new = make_spec(os.path.abspath(config.split(':')[0]) +
+                    (':' + config.split(':', 1)[1] if ':' in config else ''),
+                    parse_sweeps(sweeps), overrides, max_batch_per_device)
+  if os.path.exists(path):
+    with open(path) as f:
+      spec = json.load(f)
+    if new is not None:
+      for key in ('config', 'axes', 'overrides', 'max_batch_per_device'):
+        if new[key] != spec[key]:
+          raise StudyError(
+              f'{workdir} holds a study with {key}={spec[key]!r}; this '
+              f'command asks for {new[key]!r}. Use a new --workdir, or run '
+              'the existing study with --workdir alone')
+    return spec
+  if new is None:
+    raise StudyError(f'no study in {workdir} ({SPEC} is missing): start one '
+                     'with --config=RECIPE and --sweep=FIELD=V1,V2,...')
+  os.makedirs(os.path.join(workdir, POINTS), exist_ok=True)
+  _write_json(path, new)
+  return new
+
+
+# Running points.
+
+
+def point_dir(workdir: str, point: dict[str, Any]) -> str:
+  return os.path.join(workdir, POINTS, point['name'])
+
+
+def point_status(workdir: str, point: dict[str, Any]) -> str:
+  """'finished', 'interrupted', 'failed', 'started' or 'pending'."""
+  d = point_dir(workdir, point)
+  results = os.path.join(d, 'results.json')
+  if os.path.exists(results):
+    with open(results) as f:
+      return 'interrupted' if json.load(f).get('interrupted') else 'finished'
+  if os.path.exists(os.path.join(d, 'FAILED')):
+    return 'failed'
+  if os.path.exists(os.path.join(d, 'config.json')):
+    return 'started'  # Running now, or killed before it wrote results.
+  return 'pending'
+
+
+def _flag_value(value: Any) -> str:
+  return repr(value) if isinstance(value, (tuple, list)) else str(value)
+
+
+def point_command(spec: dict[str, Any], point: dict[str, Any], workdir: str,
+                  main_module: str = 'simclr_jax.main') -> list[str]:
+  args = [sys.executable, '-m', main_module, f'--config={spec["config"]}',
+          f'--workdir={point_dir(workdir, point)}', *spec['overrides']]
+  args += [f'--config.{f}={_flag_value(v)}'
+           for f, v in point['settings'].items()]
+  if spec.get('max_batch_per_device'):
+    args.append(f'--config.max_batch_per_device={spec["max_batch_per_device"]}')
+  return args
+
+
+class _Forwarder:
+  """Forwards SIGTERM/SIGINT to the running point; remembers it was asked."""
+
+  def __init__(self):
+    self.child = None
+    self.stopping = False
+
+  def __call__(self, signum, frame):
+    del frame
+    self.stopping = True
+    if self.child is not None and self.child.poll() is None:
+      self.child.send_signal(signum)
+
+
+def run_point(spec: dict[str, Any], point: dict[str, Any], workdir: str, *,
+              main_module: str = 'simclr_jax.main',
+              forwarder: _Forwarder | None = None) -> str:
+  """Runs (or resumes, or skips) one point; returns its status after."""
+  status = point_status(workdir, point)
+  label = f'point {point["index"]} ({point["name"]})'
+  if status == 'finished':
+    print(f'study: {label}: finished before, skipped', flush=True)
+    return status
+  d = point_dir(workdir, point)
+  os.makedirs(d, exist_ok=True)
+  failed = os.path.join(d, 'FAILED')
+  if os.path.exists(failed):
+    os.remove(failed)  # A re-run retries a failed point.
+  print(f'study: {label}: {"resuming" if status != "pending" else "starting"}',
+        flush=True)
+  with open(os.path.join(d, 'log.txt'), 'a') as log:
+    child = subprocess.Popen(point_command(spec, point, workdir, main_module),
+                             stdout=log, stderr=subprocess.STDOUT)
+    if forwarder is not None:
+      forwarder.child = child
+    rc = child.wait()
+    if forwarder is not None:
+      forwarder.child = None
+  status = point_status(workdir, point)
+  if rc != 0 or status not in ('finished', 'interrupted'):
+    with open(os.path.join(d, 'log.txt')) as f:
+      tail = f.read()[-2000:]
+    with open(failed, 'w') as f:
+      f.write(f'exit status {rc}\n{tail}')
+    status = 'failed'
+  print(f'study: {label}: {status}'
+        + (f' (exit status {rc}; see {d}/log.txt)' if status == 'failed'
+           else ''), flush=True)
+  return status
+
+
+def run_study(spec: dict[str, Any], workdir: str, point: int | None = None,
+              main_module: str = 'simclr_jax.main') -> dict[str, str]:
+  """Runs every point (or point K); returns {name: status}."""
+  points = spec['points']
+  if point is not None:
+    if not 0 <= point < len(points):
+      raise StudyError(f'--point={point} is out of range: the study has '
+                       f'{len(points)} points (0..{len(points) - 1})')
+    points = [points[point]]
+  forwarder = _Forwarder()
+  previous = {s: signal.signal(s, forwarder)
+              for s in (signal.SIGTERM, signal.SIGINT)}
+  out = {}
+  try:
+    for p in points:
+      if forwarder.stopping:
+        break
+      out[p['name']] = run_point(spec, p, workdir, main_module=main_module,
+                                 forwarder=forwarder)
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+  return out
+
+
+# The report.
+
+
+def _read_jsonl(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def point_row(workdir: str, point: dict[str, Any]) -> dict[str, Any]:
+  """One row of study.json: settings, status and what the run measured."""
+  d = point_dir(workdir, point)
+  row = {'index': point['index'], 'name': point['name'],
+         'settings': point['settings'],
+         'status': point_status(workdir, point)}
+  path = os.path.join(d, 'results.json')
+  if os.path.exists(path):
+    with open(path) as f:
+      r = json.load(f)
+    prov = r.get('provenance', {})
+    batch = prov.get('global_batch')
+    wall = r.get('pretrain_wall_time_s')
+    steps = r.get('steps')
+    row.update(
+        steps=steps, pretrain_wall_time_s=wall,
+        wall_time_s=prov.get('wall_time_s'),
+        images_per_sec=(steps * batch / wall if steps and batch and wall
+                        else None),
+        final_loss=r.get('final_train_loss'),
+        knn_monitor=r.get('knn_monitor', []),
+        global_batch=batch, per_device_batch=prov.get('per_device_batch'),
+        grad_cache_chunks=prov.get('grad_cache_chunks'),
+        code_version=prov.get('code', {}).get('version'),
+        device=(f"{prov.get('device_count')} x {prov.get('device_kind')}"
+                if prov else None),
+        provenance=prov)
+    for key in _READOUTS:
+      row[key] = r.get(key)
+  loss = [(m['step'], m['loss']) for m in _read_jsonl(
+      os.path.join(d, 'metrics.jsonl')) if 'loss' in m]
+  row['loss_curve'] = loss
+  return row
+
+
+def _pct(x: Any) -> str:
+  return '' if x is None else f'{100 * x:.1f}'
+
+
+def markdown(spec: dict[str, Any], rows: list[dict[str, Any]],
+             warnings: list[str]) -> str:
+  fields = [f for f, _ in spec['axes']]
+  shots = sorted({k for r in rows for k in (r.get('fewshot_probe_accuracy')
+                                            or {})}, key=int)
+  head = (fields + ['status', 'steps', 'probe %', 'kNN %'] +
+          [f'{s}-shot %' for s in shots] +
+          ['final loss', 'img/s', 'chunks', 'wall'])
+  lines = [f"Study of `{spec['config']}` over "
+           + ', '.join(f'`{f}`' for f in fields) + '.', '']
+  lines += [f'> {w}' for w in warnings]
+  if warnings:
+    lines.append('')
+  lines += ['| ' + ' | '.join(head) + ' |',
+            '|' + '---|' * len(head)]
+  for r in rows:
+    fs = r.get('fewshot_probe_accuracy') or {}
+    wall = r.get('wall_time_s')
+    cells = ([str(r['settings'][f]) for f in fields] + [
+        r['status'], str(r.get('steps') or ''),
+        _pct(r.get('linear_probe_accuracy')), _pct(r.get('knn_accuracy'))] +
+             [_pct(fs.get(s)) for s in shots] + [
+                 '' if r.get('final_loss') is None
+                 else f"{r['final_loss']:.3f}",
+                 '' if r.get('images_per_sec') is None
+                 else f"{r['images_per_sec']:.0f}",
+                 str(r.get('grad_cache_chunks') or 0)
+                 if r.get('global_batch') else '',
+                 '' if wall is None else f'{wall / 60:.1f} min'])
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def provenance_warnings(rows: list[dict[str, Any]]) -> list[str]:
+  """Points made by different code or on different hardware."""
+  out = []
+  for key, what in (('code_version', 'code versions'),
+                    ('device', 'devices')):
+    seen = sorted({str(r[key]) for r in rows if r.get(key)})
+    if len(seen) > 1:
+      out.append(f'These points were made with different {what}: '
+                 + '; '.join(seen) + '. Compare them with care.')
+  return out
+
+
+def _plots(spec: dict[str, Any], rows: list[dict[str, Any]],
+           workdir: str) -> list[str]:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fields = [f for f, _ in spec['axes']]
+  done = [r for r in rows if r['status'] == 'finished']
+  written = []
+
+  def save(fig, name):
+    path = os.path.join(workdir, name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+
+  if 'batch_size' in fields:
+    others = [f for f in fields if f != 'batch_size']
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for metric, ax in zip(('linear_probe_accuracy', 'knn_accuracy'), axes):
+      groups: dict[tuple, list] = {}
+      for r in done:
+        key = tuple(r['settings'][f] for f in others)
+        if r.get(metric) is not None:
+          groups.setdefault(key, []).append(
+              (r['settings']['batch_size'], 100 * r[metric]))
+      for key, pts in sorted(groups.items(), key=lambda kv: repr(kv[0])):
+        pts.sort()
+        label = ', '.join(f'{f}={v}' for f, v in zip(others, key)) or 'all'
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], 'o-', label=label)
+      ax.set_xscale('log', base=2)
+      ax.set_xlabel('batch size')
+      ax.set_ylabel(('linear probe' if metric.startswith('linear')
+                     else 'kNN') + ' top-1 (%)')
+      ax.grid(alpha=0.3)
+      ax.legend(fontsize=7)
+    save(fig, 'accuracy_vs_batch.png')
+    fig, ax = plt.subplots(figsize=(5, 4))
+    pts = sorted((r['settings']['batch_size'], r['images_per_sec'])
+                 for r in done if r.get('images_per_sec'))
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], 'o')
+    ax.set_xscale('log', base=2)
+    ax.set_xlabel('batch size')
+    ax.set_ylabel('training images / s')
+    ax.grid(alpha=0.3)
+    save(fig, 'throughput_vs_batch.png')
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  for r in rows:
+    label = r['name']
+    if r['loss_curve']:
+      axes[0].plot(*zip(*r['loss_curve']), label=label)
+    hist = r.get('knn_monitor') or []
+    if hist:
+      axes[1].plot([h['epoch'] for h in hist],
+                   [100 * h['knn_accuracy'] for h in hist], 'o-', label=label)
+  axes[0].set_xlabel('step')
+  axes[0].set_ylabel('training loss')
+  axes[1].set_xlabel('epoch')
+  axes[1].set_ylabel('kNN monitor top-1 (%)')
+  for ax in axes:
+    ax.grid(alpha=0.3)
+    if ax.lines:
+      ax.legend(fontsize=6)
+  save(fig, 'curves.png')
+  return written
+
+
+def report(workdir: str) -> dict[str, Any]:
+  """Writes study.json, study.md and the PNG plots; returns study.json."""
+  with open(os.path.join(workdir, SPEC)) as f:
+    spec = json.load(f)
+  rows = [point_row(workdir, p) for p in spec['points']]
+  warnings = provenance_warnings(rows)
+  out = {'config': spec['config'], 'axes': spec['axes'],
+         'max_batch_per_device': spec['max_batch_per_device'],
+         'warnings': warnings, 'points': rows,
+         'counts': {s: sum(r['status'] == s for r in rows) for s in
+                    ('finished', 'interrupted', 'started', 'failed',
+                     'pending')}}
+  out['plots'] = [os.path.basename(p) for p in _plots(spec, rows, workdir)]
+  _write_json(os.path.join(workdir, 'study.json'), out)
+  with open(os.path.join(workdir, 'study.md'), 'w') as f:
+    f.write(markdown(spec, rows, warnings))
+  return out
+
+
+# Command line.
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  import argparse  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(
+      prog='python -m simclr_jax.study',
+      description=__doc__.split('\n\n')[0].strip(),
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--config', help='Recipe, as for simclr_jax.main.')
+  parser.add_argument('--workdir', help='The study directory.')
+  parser.add_argument('--sweep', action='append', default=[],
+                      help='FIELD=V1,V2,... (repeat for more axes).')
+  parser.add_argument('--point', type=int, default=None,
+                      help='Run only point K (0-based; array jobs).')
+  parser.add_argument('--max_batch_per_device', type=int, default=0,
+                      help='Gradient caching for points above this many '
+                      'images per device.')
+  parser.add_argument('--report', metavar='STUDY_DIR',
+                      help='Only write the report of STUDY_DIR.')
+  parser.add_argument('--plan', action='store_true',
+                      help='Write the study spec, list the points, exit '
+                      '(before submitting an array job).')
+  parser.add_argument('--main_module', default='simclr_jax.main',
+                      help=argparse.SUPPRESS)  # Tests substitute a stub.
+  args, overrides = parser.parse_known_args(argv)
+  bad = [o for o in overrides if not o.startswith('--config.')]
+  try:
+    if bad:
+      raise StudyError(f'unknown arguments: {" ".join(bad)} (fixed '
+                       'settings for every point go as --config.FIELD=VALUE)')
+    if args.report:
+      out = report(args.report)
+      print(f"study: report of {len(out['points'])} points in "
+            f"{args.report}/study.md", flush=True)
+      return 0
+    if not args.workdir:
+      raise StudyError('--workdir is required')
+    spec = load_or_create_spec(args.workdir, args.config, args.sweep,
+                               overrides, args.max_batch_per_device)
+    if args.plan:
+      for p in spec['points']:
+        print(f"{p['index']}\t{p['name']}")
+      return 0
+    statuses = run_study(spec, args.workdir, args.point, args.main_module)
+  except StudyError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  if args.point is None:
+    out = report(args.workdir)
+    print(f"study: {out['counts']['finished']} of {len(out['points'])} "
+          f"points finished; report in {args.workdir}/study.md", flush=True)
+  return 1 if 'failed' in statuses.values() else 0
+
+
+def run() -> None:
+  sys.exit(main())
+
+
+if __name__ == '__main__':
+  run()

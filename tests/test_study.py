@@ -1,0 +1,235 @@
+"""Scaling studies: the grid, running and skipping points, the report.
+
+Most tests run the study against a stub of the main command (a module that
+writes what a finished or interrupted run writes), so they test the study's
+own logic in seconds; one test runs a real point through simclr_jax.main.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from simclr_jax.tools import study
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIGITS = os.path.join(ROOT, 'configs', 'digits.py')
+
+# A stand-in for `python -m simclr_jax.main`: parses --workdir and
+# --config.batch_size, counts its calls, and writes results.json. A batch
+# listed in FAKE_INTERRUPT_ONCE is interrupted on its first call (as after
+# SIGTERM); one listed in FAKE_FAIL exits 3.
+FAKE_MAIN = r'''
+import json, os, sys
+args = dict(a[2:].split('=', 1) for a in sys.argv[1:] if '=' in a)
+workdir = args['workdir']
+batch = int(args.get('config.batch_size', 256))
+os.makedirs(workdir, exist_ok=True)
+with open(os.path.join(workdir, 'calls.txt'), 'a') as f:
+  f.write(' '.join(sys.argv[1:]) + '\n')
+calls = len(open(os.path.join(workdir, 'calls.txt')).readlines())
+with open(os.path.join(workdir, 'config.json'), 'w') as f:
+  json.dump({'batch_size': batch}, f)
+if str(batch) in os.environ.get('FAKE_FAIL', '').split(','):
+  sys.exit(3)
+interrupted = (str(batch) in os.environ.get('FAKE_INTERRUPT_ONCE', '').split(',')
+               and calls == 1)
+results = {'interrupted': interrupted, 'steps': 10, 'pretrain_wall_time_s': 4.0,
+           'final_train_loss': 1.0 / batch, 'knn_accuracy': batch / 1000.0,
+           'linear_probe_accuracy': 0.5, 'fewshot_probe_accuracy': {'1': 0.25},
+           'knn_monitor': [{'epoch': 1.0, 'knn_accuracy': 0.1, 'step': 5}],
+           'provenance': {'global_batch': batch, 'per_device_batch': batch // 8,
+                          'grad_cache_chunks': 0, 'wall_time_s': 5.0,
+                          'device_count': 8, 'device_kind': 'cpu',
+                          'code': {'version': 'abc'}}}
+with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:
+  f.write(json.dumps({'step': 10, 'loss': 1.0 / batch}) + '\n')
+with open(os.path.join(workdir, 'results.json'), 'w') as f:
+  json.dump(results, f)
+'''
+
+
+@pytest.fixture
+def fake_main(tmp_path, monkeypatch):
+  stub = tmp_path / 'stub'
+  stub.mkdir()
+  (stub / 'fake_main.py').write_text(FAKE_MAIN)
+  monkeypatch.setenv('PYTHONPATH', f'{stub}{os.pathsep}{ROOT}')
+  return 'fake_main'
+
+
+def _calls(workdir, name) -> int:
+  path = os.path.join(workdir, 'points', name, 'calls.txt')
+  return len(open(path).readlines()) if os.path.exists(path) else 0
+
+
+def test_grid_expansion_and_naming():
+  axes = study.parse_sweeps(['batch_size=64,128',
+                             'config.optim.lr_scaling=linear,sqrt'])
+  assert axes == [('batch_size', [64, 128]),
+                  ('optim.lr_scaling', ['linear', 'sqrt'])]
+  points = study.expand(axes)
+  assert [p['index'] for p in points] == [0, 1, 2, 3]
+  # Row-major: the last axis varies fastest.
+  assert [p['settings'] for p in points] == [
+      {'batch_size': 64, 'optim.lr_scaling': 'linear'},
+      {'batch_size': 64, 'optim.lr_scaling': 'sqrt'},
+      {'batch_size': 128, 'optim.lr_scaling': 'linear'},
+      {'batch_size': 128, 'optim.lr_scaling': 'sqrt'}]
+  assert points[1]['name'] == 'batch_size-64__optim.lr_scaling-sqrt'
+  assert study.parse_sweeps(['loss.temperature=0.1,0.5'])[0][1] == [0.1, 0.5]
+  for bad, says in (('batch_size', 'FIELD=V1,V2'), ('=1,2', 'FIELD=V1,V2'),
+                    ('batch size=1', 'not a config field'),
+                    ('batch_size=64,64', 'repeats a value')):
+    with pytest.raises(study.StudyError, match=says):
+      study.parse_sweeps([bad])
+  with pytest.raises(study.StudyError, match='twice'):
+    study.parse_sweeps(['batch_size=1', 'batch_size=2'])
+
+
+def test_command_of_a_point_carries_settings_and_fixed_flags(tmp_path):
+  spec = study.make_spec(DIGITS, study.parse_sweeps(['batch_size=64,128']),
+                         ['--config.num_epochs=2'], max_batch_per_device=16)
+  cmd = study.point_command(spec, spec['points'][1], str(tmp_path))
+  assert cmd[1:3] == ['-m', 'simclr_jax.main']
+  assert f'--config={DIGITS}' in cmd and '--config.num_epochs=2' in cmd
+  assert '--config.batch_size=128' in cmd
+  assert '--config.max_batch_per_device=16' in cmd
+  assert f'--workdir={tmp_path}/points/batch_size-128' in cmd
+
+
+def test_skips_finished_points_and_resumes_interrupted_ones(tmp_path,
+                                                            fake_main,
+                                                            monkeypatch):
+  w = str(tmp_path / 'study')
+  args = [f'--config={DIGITS}', f'--workdir={w}', '--sweep=batch_size=64,128',
+          '--config.num_epochs=3', f'--main_module={fake_main}']
+  monkeypatch.setenv('FAKE_INTERRUPT_ONCE', '128')
+  assert study.main(args) == 0
+  names = ['batch_size-64', 'batch_size-128']
+  assert [_calls(w, n) for n in names] == [1, 1]
+  rows = json.load(open(os.path.join(w, 'study.json')))['points']
+  assert [r['status'] for r in rows] == ['finished', 'interrupted']
+  # The same command again: the finished point is skipped, the interrupted
+  # one runs again (its own resume) and finishes.
+  assert study.main(args) == 0
+  assert [_calls(w, n) for n in names] == [1, 2]
+  out = json.load(open(os.path.join(w, 'study.json')))
+  assert out['counts']['finished'] == 2
+  # Every call got the fixed flag and its own setting.
+  first = open(os.path.join(w, 'points', names[1], 'calls.txt')).readline()
+  assert '--config.num_epochs=3' in first and '--config.batch_size=128' in first
+  # Another grid for the same study is refused with one line.
+  r = subprocess.run([sys.executable, '-m', 'simclr_jax.study',
+                      f'--config={DIGITS}', f'--workdir={w}',
+                      '--sweep=batch_size=64,256'], capture_output=True,
+                     text=True, cwd=ROOT)
+  assert r.returncode == 2
+  assert r.stderr.strip().startswith('error: ') and 'axes' in r.stderr
+  assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_point_k_from_two_processes_writes_disjoint_points(tmp_path,
+                                                           fake_main):
+  w = str(tmp_path / 'study')
+  plan = subprocess.run(
+      [sys.executable, '-m', 'simclr_jax.study', f'--config={DIGITS}',
+       f'--workdir={w}', '--sweep=batch_size=32,64,128', '--plan'],
+      capture_output=True, text=True, cwd=ROOT, check=True)
+  assert plan.stdout.splitlines() == ['0\tbatch_size-32', '1\tbatch_size-64',
+                                      '2\tbatch_size-128']
+  procs = [subprocess.Popen(
+      [sys.executable, '-m', 'simclr_jax.study', f'--workdir={w}',
+       f'--point={k}', f'--main_module={fake_main}'], cwd=ROOT,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for k in (0, 2)]
+  for p in procs:
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+  assert [_calls(w, n) for n in ('batch_size-32', 'batch_size-64',
+                                 'batch_size-128')] == [1, 0, 1]
+  for name, batch in (('batch_size-32', 32), ('batch_size-128', 128)):
+    calls = open(os.path.join(w, 'points', name, 'calls.txt')).read()
+    assert f'--config.batch_size={batch}' in calls
+  # No report from single points; --report then covers all three.
+  assert not os.path.exists(os.path.join(w, 'study.json'))
+  assert study.main([f'--report={w}']) == 0
+  rows = json.load(open(os.path.join(w, 'study.json')))['points']
+  assert [r['status'] for r in rows] == ['finished', 'pending', 'finished']
+  r = subprocess.run([sys.executable, '-m', 'simclr_jax.study',
+                      f'--workdir={w}', '--point=3'], capture_output=True,
+                     text=True, cwd=ROOT)
+  assert r.returncode == 2 and 'out of range' in r.stderr
+
+
+def test_report_from_results(tmp_path, fake_main, monkeypatch):
+  w = str(tmp_path / 'study')
+  monkeypatch.setenv('FAKE_FAIL', '256')
+  rc = study.main([f'--config={DIGITS}', f'--workdir={w}',
+                   '--sweep=batch_size=64,128,256',
+                   '--sweep=num_epochs=1,2', f'--main_module={fake_main}'])
+  assert rc == 1  # A point failed.
+  out = json.load(open(os.path.join(w, 'study.json')))
+  rows = {(r['settings']['batch_size'], r['settings']['num_epochs']): r
+          for r in out['points']}
+  assert len(rows) == 6 and out['counts'] == {
+      'finished': 4, 'interrupted': 0, 'started': 0, 'failed': 2,
+      'pending': 0}
+  for (batch, _), r in rows.items():
+    if batch == 256:
+      assert r['status'] == 'failed' and r.get('knn_accuracy') is None
+      continue
+    # What the stub wrote, and the throughput computed here independently.
+    assert r['knn_accuracy'] == batch / 1000.0
+    assert r['final_loss'] == 1.0 / batch
+    assert r['images_per_sec'] == pytest.approx(10 * batch / 4.0)
+    assert r['loss_curve'] == [[10, 1.0 / batch]]
+    assert r['knn_monitor'][0]['knn_accuracy'] == 0.1
+  md = open(os.path.join(w, 'study.md')).read()
+  assert md.count('| failed |') == 2 and md.count('| finished |') == 4
+  assert '| 128 | 2 | finished | 10 | 50.0 | 12.8 | 25.0 |' in md
+  assert out['plots'] == ['accuracy_vs_batch.png', 'throughput_vs_batch.png',
+                          'curves.png']
+  for name in out['plots']:
+    with open(os.path.join(w, name), 'rb') as f:
+      assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  assert out['warnings'] == []
+  # Points made by different code are flagged in the report.
+  path = os.path.join(w, 'points', 'batch_size-64__num_epochs-1',
+                      'results.json')
+  r = json.load(open(path))
+  r['provenance']['code']['version'] = 'def'
+  json.dump(r, open(path, 'w'))
+  out = study.report(w)
+  assert len(out['warnings']) == 1 and 'abc; def' in out['warnings'][0]
+  assert 'different code versions' in open(
+      os.path.join(w, 'study.md')).read()
+
+
+def test_a_real_point_runs_through_the_main_command(tmp_path):
+  """One tiny point through simclr_jax.main, above max_batch_per_device, so
+  the run uses gradient caching and says so."""
+  w = str(tmp_path / 'study')
+  r = subprocess.run(
+      [sys.executable, '-m', 'simclr_jax.study', f'--config={DIGITS}',
+       f'--workdir={w}', '--sweep=batch_size=64', '--max_batch_per_device=4',
+       '--config.model.width_multiplier=0.125',
+       '--config.model.proj_out_dim=16', '--config.dataset.image_size=16',
+       '--config.train_steps=2', '--config.optim.warmup_epochs=0.1',
+       '--config.eval.probe_random_init=False',
+       '--config.eval.probe_pixels=False', '--config.eval.fewshot_draws=1',
+       '--config.eval.fewshot_shots=(1,)', '--config.eval.eval_every_epochs=0'],
+      capture_output=True, text=True, cwd=ROOT, timeout=600,
+      env=dict(os.environ,
+               XLA_FLAGS='--xla_force_host_platform_device_count=8'))
+  assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+  out = json.load(open(os.path.join(w, 'study.json')))
+  (row,) = out['points']
+  assert row['status'] == 'finished' and row['steps'] == 2
+  assert row['global_batch'] == 64 and row['per_device_batch'] == 8
+  assert row['grad_cache_chunks'] == 2  # 8 per device > 4: two chunks.
+  assert 0 <= row['knn_accuracy'] <= 1
+  log = open(os.path.join(w, 'points', 'batch_size-64', 'log.txt')).read()
+  assert 'gradient caching in 2 chunks of 4 images per device' in log
