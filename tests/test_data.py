@@ -452,3 +452,35 @@ def test_digits_jax_path_without_tensorflow():
                        capture_output=True, text=True, timeout=120,
                        check=False)
   assert out.returncode == 0 and 'OK' in out.stdout, out.stderr[-2000:]
+
+
+@requires_tf
+@pytest.mark.parametrize('backend', ['jax', 'tf'])
+def test_tfds_in_memory_gives_row_ids_of_the_split(indexed_cifar, backend):
+  """dataset.in_memory: the TFDS train split is indexed by row id, the rows
+  of load_eval_arrays' file order (what DeepCluster featurises)."""
+  del indexed_cifar
+  c = _cifar(backend, batch_size=16, in_memory=True)
+  batches = _take(c, 4)  # One epoch of 64 examples.
+  ids = np.concatenate([b['index'] for b in batches])
+  assert sorted(ids.tolist()) == list(range(64))
+  np.testing.assert_array_equal(
+      np.concatenate([b['labels'] for b in batches]), ids % 10)
+  if backend == 'jax':  # Example i is filled with the value i.
+    np.testing.assert_array_equal(
+        np.concatenate([b['images'][:, 0, 0, 0] for b in batches]), ids)
+  _, y = pipeline.load_eval_arrays(c, 'train')
+  np.testing.assert_array_equal(y[ids], ids % 10)
+  # Two processes: disjoint rows covering the epoch.
+  shards = [np.concatenate([b['index'] for b in _take(
+      c, 4, process_index=p, process_count=2)]) for p in (0, 1)]
+  assert not set(shards[0].tolist()) & set(shards[1].tolist())
+  assert sorted(np.concatenate(shards).tolist()) == list(range(64))
+  # The method that needs it accepts the dataset only this way.
+  from simclr_jax.config import validation  # pylint: disable=g-import-not-at-top
+  c.method = 'deepcluster'
+  c.deepcluster.num_clusters = 10
+  validation.validate(c, num_devices=8)
+  c.dataset.in_memory = False
+  with pytest.raises(validation.ConfigError, match='in_memory=True'):
+    validation.validate(c, num_devices=8)

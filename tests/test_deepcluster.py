@@ -223,7 +223,7 @@ def test_state_survives_stop_and_resume(tmp_path):
     ('deepcluster.recluster_every_epochs', 0.0,
      'recluster_every_epochs=0.0 is invalid'),
     ('grad_cache_chunks', 2, 'grad_cache_chunks=2 is not supported'),
-    ('dataset.name', 'cifar10', 'not supported by method=.deepcluster. yet'),
+    ('dataset.name', 'cifar10', 'needs config.dataset.in_memory=True'),
 ])
 def test_validation_is_one_line(field, value, match):
   c = _config()

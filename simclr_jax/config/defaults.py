@@ -35,6 +35,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Shuffle buffer = multiplier x per-host batch (50 CIFAR, 10 else; released code).
   c.dataset.shuffle_buffer_multiplier = 50
   c.dataset.cache = True
+  # TFDS datasets: read the train split into host memory and index it by row
+  # id (as digits is), instead of streaming it. For small datasets; needed by
+  # methods with per-image state of the split (DeepCluster).
+  c.dataset.in_memory = False
   c.dataset.prefetch = 2  # Batches prefetched onto the devices.
   # A TFDS image that does not decode: 'skip' (drop it, count it, warn with
   # its record id) or 'fail' (stop with a message naming the record).

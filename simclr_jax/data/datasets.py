@@ -85,6 +85,15 @@ def is_in_memory(name: str) -> bool:
   return name in IN_MEMORY_DATASETS
 
 
+def reads_in_memory(config: ml_collections.ConfigDict) -> bool:
+  """Whether pretraining indexes its train split in host memory by row id:
+  the NumPy datasets always, a TFDS dataset with config.dataset.in_memory
+  (small ones, e.g. CIFAR-10's 150 MB; methods that hold state per image
+  of the split, such as DeepCluster's pseudo-labels, need it)."""
+  return is_in_memory(config.dataset.name) or bool(
+      config.dataset.get('in_memory', False))
+
+
 def check_known(name: str) -> None:
   """Raises DatasetError (listing the known names) for an unknown dataset."""
   if name not in KNOWN_DATASETS:

@@ -157,18 +157,39 @@ def make_pretrain_iterator(config: ml_collections.ConfigDict, *,
   kw = dict(config=config, process_index=process_index,
             process_count=process_count, start_step=start_step,
             local_batch=local_batch, spe=spe, include_index=include_index)
-  if datasets.is_in_memory(name):
+  if datasets.reads_in_memory(config):
     if backend == 'jax':
       return _in_memory_raw_stream(**kw)
     return _in_memory_tf_stream(**kw)
   return _tfds_stream(**kw, stats={} if stats is None else stats)
 
 
+_TFDS_TRAIN_ARRAYS: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _train_arrays(config: ml_collections.ConfigDict
+                  ) -> tuple[np.ndarray, np.ndarray]:
+  """The pretraining split as (uint8 images, labels), indexed by row id.
+
+  NumPy datasets come from `datasets.load_in_memory`. A TFDS split with
+  config.dataset.in_memory is read once per process, in file order at
+  raw_size pixels (the order `load_eval_arrays` reads it in, so a row id
+  means the same image to a method featurising the split).
+  """
+  if datasets.is_in_memory(config.dataset.name):
+    return datasets.load_in_memory(config, config.dataset.train_split)
+  key = (config.dataset.name, config.dataset.data_dir,
+         config.dataset.train_split, datasets.raw_size(config))
+  if key not in _TFDS_TRAIN_ARRAYS:
+    _TFDS_TRAIN_ARRAYS[key] = load_train_arrays_raw(config)
+  return _TFDS_TRAIN_ARRAYS[key]
+
+
 def _in_memory_raw_stream(*, config, process_index, process_count, start_step,
                           local_batch, spe, include_index) -> Iterator[Batch]:
   """Raw uint8 batches by NumPy indexing: the TensorFlow-free path."""
   del process_count  # Implied by local_batch.
-  images, labels = datasets.load_in_memory(config, config.dataset.train_split)
+  images, labels = _train_arrays(config)
   for _, rows in _epoch_rows(config, len(labels), start_step=start_step,
                              spe=spe, local_batch=local_batch,
                              process_index=process_index):
@@ -223,7 +244,7 @@ def _in_memory_tf_stream(*, config, process_index, process_count, start_step,
   """Two tf.data-augmented views of in-memory images (digits on the CPU)."""
   del process_count  # Implied by local_batch.
   tf = datasets.import_tf("augment.backend='tf'")
-  images, labels = datasets.load_in_memory(config, config.dataset.train_split)
+  images, labels = _train_arrays(config)
   # Converted once; each epoch's dataset gathers from them by index, so an
   # epoch costs no copy of the arrays.
   images_t = tf.constant(images)

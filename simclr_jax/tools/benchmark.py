@@ -276,12 +276,12 @@ def benchmark_input() -> list[dict]:
   """Views/s of both backends from arrays, then both from JPEG records."""
   from simclr_jax.tools import input_benchmark  # pylint: disable=g-import-not-at-top
   rows = []
-  for size, batch, n in ((32, 256, 8), (224, 32, 4)):
+  for size, batch, n in ((32, 256, 8), (224, 32, 16)):
     for backend in ('tf', 'jax'):
       rows.append(input_benchmark.measure_input_throughput(
           backend, size, batch, n))
   for backend in ('tf', 'jax'):
-    rows.append(input_benchmark.measure_jpeg_throughput(backend, 224, 32, 4))
+    rows.append(input_benchmark.measure_jpeg_throughput(backend, 224, 32, 16))
   return rows
 
 
