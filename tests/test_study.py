@@ -206,15 +206,26 @@ def test_report_from_results(tmp_path, fake_main, monkeypatch):
   assert len(out['warnings']) == 1 and 'abc; def' in out['warnings'][0]
   assert 'different code versions' in open(
       os.path.join(w, 'study.md')).read()
+  # A point still running (its run wrote config.json, no results yet) is
+  # reported as such, not dropped.
+  running = os.path.join(w, 'points', 'batch_size-128__num_epochs-1')
+  os.remove(os.path.join(running, 'results.json'))
+  out = study.report(w)
+  row = next(r for r in out['points']
+             if r['name'] == 'batch_size-128__num_epochs-1')
+  assert row['status'] == 'started' and row.get('knn_accuracy') is None
+  assert out['counts']['started'] == 1 and out['counts']['finished'] == 3
+  assert '| 128 | 1 | started |' in open(os.path.join(w, 'study.md')).read()
 
 
-def test_a_real_point_runs_through_the_main_command(tmp_path):
-  """One tiny point through simclr_jax.main, above max_batch_per_device, so
-  the run uses gradient caching and says so."""
+def test_a_real_two_point_study_runs_through_the_main_command(tmp_path):
+  """Two tiny points through simclr_jax.main; the larger one is above
+  max_batch_per_device, so it uses gradient caching and says so."""
   w = str(tmp_path / 'study')
   r = subprocess.run(
       [sys.executable, '-m', 'simclr_jax.study', f'--config={DIGITS}',
-       f'--workdir={w}', '--sweep=batch_size=64', '--max_batch_per_device=4',
+       f'--workdir={w}', '--sweep=batch_size=32,64',
+       '--max_batch_per_device=4',
        '--config.model.width_multiplier=0.125',
        '--config.model.proj_out_dim=16', '--config.dataset.image_size=16',
        '--config.train_steps=2', '--config.optim.warmup_epochs=0.1',
@@ -226,10 +237,20 @@ def test_a_real_point_runs_through_the_main_command(tmp_path):
                XLA_FLAGS='--xla_force_host_platform_device_count=8'))
   assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
   out = json.load(open(os.path.join(w, 'study.json')))
-  (row,) = out['points']
-  assert row['status'] == 'finished' and row['steps'] == 2
-  assert row['global_batch'] == 64 and row['per_device_batch'] == 8
-  assert row['grad_cache_chunks'] == 2  # 8 per device > 4: two chunks.
-  assert 0 <= row['knn_accuracy'] <= 1
+  small, big = out['points']
+  for row in (small, big):
+    assert row['status'] == 'finished' and row['steps'] == 2
+    assert 0 <= row['knn_accuracy'] <= 1 and row['images_per_sec'] > 0
+  assert small['per_device_batch'] == 4 and small['grad_cache_chunks'] == 0
+  assert big['global_batch'] == 64 and big['per_device_batch'] == 8
+  assert big['grad_cache_chunks'] == 2  # 8 per device > 4: two chunks.
   log = open(os.path.join(w, 'points', 'batch_size-64', 'log.txt')).read()
   assert 'gradient caching in 2 chunks of 4 images per device' in log
+  for name in out['plots']:
+    with open(os.path.join(w, name), 'rb') as f:
+      assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  # Run again: both points are finished, so nothing runs.
+  r = subprocess.run([sys.executable, '-m', 'simclr_jax.study',
+                      f'--workdir={w}'], capture_output=True, text=True,
+                     cwd=ROOT, timeout=120)
+  assert r.returncode == 0 and r.stdout.count('skipped') == 2
