@@ -126,7 +126,8 @@ def run_pretrain(config, workdir: str) -> dict:
   results['provenance'] = _provenance(config)
   path = write_results(workdir, results)
   logging.info('Results: %s', json.dumps(_json_safe(
-      {k: v for k, v in results.items() if k != 'final_metrics'})))
+      {k: v for k, v in results.items()
+       if k not in ('final_metrics', 'provenance')})))
   logging.info('Wrote %s', path)
   return results
 
@@ -154,7 +155,8 @@ def run_downstream(mode: str, config, workdir: str) -> dict:
     _fail(str(e))
   results['provenance'] = _provenance(config, mode)
   path = write_results(workdir, results)
-  logging.info('Results: %s', json.dumps(_json_safe(results)))
+  logging.info('Results: %s', json.dumps(_json_safe(
+      {k: v for k, v in results.items() if k != 'provenance'})))
   logging.info('Wrote %s', path)
   return results
 

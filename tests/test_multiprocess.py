@@ -37,6 +37,14 @@ OVERRIDES = {
     'train_steps': 4,  # With stop_after_steps=3: same schedule, no evaluation.
     'log_every_steps': 1,
     'eval.probe_random_init': False,
+    # The tolerances below were measured with the reference augmentation
+    # and T 0.2. The digits recipe's gentler crop and T 0.1 amplify rounding
+    # further over 3 steps (measured: 1.4e-3 in a parameter, 2.2e-5 in the
+    # step-3 gradient norm), which says nothing about processes; step 1's
+    # 1e-6 check is unchanged.
+    'loss.temperature': 0.2,
+    'augment.crop_min_area': 0.08,
+    'augment.flip': True,
 }
 STOP_AFTER = 3
 # Same program and data, but the gradient all-reduce runs over gloo between
@@ -142,7 +150,7 @@ def test_two_processes_train_what_one_process_trains(tmp_path):
   np.testing.assert_allclose(results[0]['final_train_loss'],
                              results[1]['final_train_loss'], rtol=LOSS_RTOL)
   log0, log1 = _tail(logs[0], 10**6), _tail(logs[1], 10**6)
-  assert 'global batch 64 on 8 devices' in log0
+  assert 'global batch 64 on 8 x cpu (cpu), 2 processes' in log0
   assert 'step 3/4' in log0 and 'step 3/4' not in log1
 
 

@@ -55,7 +55,8 @@ class MetricWriter:
           jsonl.read_text().splitlines(keepends=True) if jsonl.exists()
           else [])
     try:
-      # pylint: disable=g-import-not-at-top
+      # pylint: disable=g-import-not-at-top,unused-import
+      import tensorboard  # First: sys.modules['tensorboard'] = None opts out.
       from tensorboard.compat.proto import event_pb2
       from tensorboard.compat.proto import summary_pb2
       from tensorboard.summary.writer import event_file_writer
@@ -66,6 +67,11 @@ class MetricWriter:
     except ImportError:
       logging.info('tensorboard not installed: no TensorBoard summaries, '
                    'only metrics.jsonl.')
+    except Exception as e:  # pylint: disable=broad-except
+      # E.g. a gs:// workdir without TensorFlow's file system layer.
+      self._tb = None
+      logging.warning('No TensorBoard summaries in %s (%s); metrics.jsonl '
+                      'is still written.', workdir, e)
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self.enabled:
