@@ -124,6 +124,7 @@ def stage_correctness(sz: dict[str, Any]) -> dict[str, Any]:
   from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
   from simclr_jax import losses  # pylint: disable=g-import-not-at-top
   from simclr_jax.runtime import parallel  # pylint: disable=g-import-not-at-top
+  from simclr_jax.tools import benchmark  # pylint: disable=g-import-not-at-top
   from simclr_jax.training import pretrain  # pylint: disable=g-import-not-at-top
 
   out: dict[str, Any] = {}
@@ -160,7 +161,7 @@ def stage_correctness(sz: dict[str, Any]) -> dict[str, Any]:
   for dtype in ('float32', 'bfloat16'):
     setup = pretrain.build(base_config(small, dtype=dtype))
     step, state = pretrain.make_step(setup), pretrain.initial_state(setup)
-    batch = _synthetic_batch(setup.config, setup.mesh, seed=1)
+    batch = benchmark.synthetic_batch(setup.config, setup.mesh, seed=1)
     losses_seen = []
     for i in range(sz['nan_steps'] if dtype == 'bfloat16' else 1):
       state, metrics = step(state, batch, jax.random.key(i))
@@ -179,19 +180,6 @@ def stage_correctness(sz: dict[str, Any]) -> dict[str, Any]:
   out['ok'] = bool(out['nt_xent']['ok'] and out['bf16_vs_f32']['ok'] and
                    out['bf16_steps']['all_finite'])
   return out
-
-
-def _synthetic_batch(config, mesh, seed: int) -> dict:
-  from simclr_jax.runtime import parallel  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(seed)
-  b, s = config.batch_size, config.dataset.image_size
-  if config.augment.backend == 'jax':
-    r = config.dataset.raw_size or s
-    host = {'images': rng.integers(0, 256, (b, r, r, 3), dtype=np.uint8)}
-  else:
-    host = {'views': rng.uniform(size=(b, 2, s, s, 3)).astype(np.float32)}
-  host['labels'] = rng.integers(0, 10, (b,)).astype(np.int32)
-  return parallel.to_global(host, mesh)
 
 
 # Stages 2-5.

@@ -152,6 +152,20 @@ def compile_programs(step_fn, state, batch, key):
   return programs, first_step_s, state, step_fn
 
 
+def synthetic_batch(config, mesh, seed: int = 0) -> dict:
+  """A global batch of the config's input mode: raw uint8 images for the
+  'jax' backend (views made in the step), ready views for 'tf'."""
+  rng = np.random.default_rng(seed)
+  b, s = config.batch_size, config.dataset.image_size
+  if config.augment.backend == 'jax':
+    r = config.dataset.raw_size or s
+    host = {'images': rng.integers(0, 256, (b, r, r, 3), dtype=np.uint8)}
+  else:
+    host = {'views': rng.uniform(size=(b, 2, s, s, 3)).astype(np.float32)}
+  host['labels'] = rng.integers(0, 10, (b,)).astype(np.int32)
+  return parallel.to_global(host, mesh)
+
+
 def benchmark_train_step(config, steps: int, warmup: int,
                          profile_dir: str = '', profile_steps: int = 3,
                          mesh=None) -> dict:
@@ -168,14 +182,7 @@ def benchmark_train_step(config, steps: int, warmup: int,
   step_fn = train.make_step(setup)
   state = train.initial_state(setup)
   b, s = config.batch_size, config.dataset.image_size
-  rng = np.random.default_rng(0)
-  if config.augment.backend == 'jax':
-    r = config.dataset.raw_size or s
-    host = {'images': rng.integers(0, 256, (b, r, r, 3), dtype=np.uint8)}
-  else:
-    host = {'views': rng.uniform(size=(b, 2, s, s, 3)).astype(np.float32)}
-  host['labels'] = rng.integers(0, 10, (b,)).astype(np.int32)
-  batch = parallel.to_global(host, mesh)
+  batch = synthetic_batch(config, mesh)
   key = jax.random.key(0)
   programs, compile_s, state, compiled = compile_programs(step_fn, state, batch,
                                                       key)
