@@ -176,6 +176,12 @@ def main(argv):
     accelerator.check(FLAGS.config, FLAGS.allow_cpu)
   except accelerator.AcceleratorError as e:
     _fail(str(e))
+  if FLAGS.mode != 'export':  # Export reads no data.
+    from simclr_jax.data import datasets  # pylint: disable=g-import-not-at-top
+    try:
+      datasets.resolve_splits(FLAGS.config)
+    except ValueError as e:
+      _fail(str(e))
   if FLAGS.mode == 'pretrain':
     run_pretrain(FLAGS.config, FLAGS.workdir)
   else:

@@ -52,7 +52,7 @@ BAD = [
     ('augment.crop_min_area', math.nan, 'must be in (0, 1]'),
     ('augment.finetune_crop_min_area', 1.5, 'must be in (0, 1]'),
     ('on_nan', 'ignore', 'choose one of stop, skip_step'),
-    ('dataset.name', 'mnist_typo', 'choose one of'),
+    ('dataset.name', '', 'or a TFDS dataset name'),
     ('dataset.on_corrupt', 'ignore', 'choose one of skip, fail'),
     ('model.depth', 19, 'choose one of'),
     ('model.stem', 'big', 'choose one of'),

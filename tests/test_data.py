@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from simclr_jax.config import defaults
+from simclr_jax.data import augment
 from simclr_jax.data import datasets
 from simclr_jax.data import digits
 from simclr_jax.data import pipeline
@@ -367,7 +368,7 @@ def test_prepared_tfds_data_dir(tmp_path):
 def test_resize_crop_keeps_centre_and_aspect():
   image = np.zeros((40, 80, 3), np.uint8)
   image[:, 20:60] = 200  # Central square of the wide image.
-  out = pipeline._resize_crop_fn(tf, 20)(tf.constant(image)).numpy()
+  out = augment.resize_centre_crop(tf.constant(image), 20).numpy()
   assert out.shape == (20, 20, 3) and out.dtype == np.uint8
   # Bicubic rings by a few levels at the square's edges; a wrong crop would
   # bring in the black sides.
@@ -397,9 +398,54 @@ def test_missing_tfds_dataset_error_says_how_to_prepare(tmp_path):
           f'--manual_dir={manual}') in str(e.value)
 
 
-def test_unknown_dataset_and_bad_batch_errors():
-  with pytest.raises(datasets.DatasetError, match='known datasets: digits'):
-    datasets.dataset_info(_config('mnist'))
+@requires_tf
+def test_any_tfds_dataset_by_name_finds_its_features():
+  # Real TFDS metadata (from the dataset code; nothing is prepared here).
+  cases = {'food101': ('image', 'label'), 'oxford_flowers102:2.1.1':
+           ('image', 'label'), 'caltech_birds2011': ('image', 'label'),
+           'lsun/classroom': ('image', None)}
+  for name, keys in cases.items():
+    c = _config(name, data_dir='/nonexistent/tfds')
+    assert datasets.feature_keys(datasets.tfds_builder(c), c) == keys, name
+  c = _config('caltech_birds2011', data_dir='/nonexistent/tfds',
+              image_key='segmentation_mask')
+  assert datasets.feature_keys(datasets.tfds_builder(c), c)[0] == (
+      'segmentation_mask')
+  c.dataset.label_key = 'labels'
+  with pytest.raises(datasets.DatasetError, match="no such feature"):
+    datasets.feature_keys(datasets.tfds_builder(c), c)
+
+
+@requires_tf
+def test_unlabelled_and_versioned_tfds_datasets_stream():
+  with tfds.testing.mock_data(num_examples=32):
+    c = _config('lsun/classroom', batch_size=8, data_dir='/nonexistent/tfds',
+                image_size=16)
+    info = datasets.dataset_info(c)
+    assert info.num_classes == 0 and not info.labelled
+    batch = _take(c, 1)[0]
+    assert batch['images'].shape == (8, 16, 16, 3)
+    assert (batch['labels'] == -1).all()
+    c = _config('svhn_cropped:3.1.0', batch_size=8,
+                data_dir='/nonexistent/tfds')
+    assert datasets.dataset_info(c).num_classes == 10
+    assert _take(c, 1)[0]['labels'].max() < 10
+
+
+@requires_tf
+def test_unknown_dataset_and_bad_batch_errors(tmp_path):
+  # Any TFDS name is accepted; one that is not prepared says how to build it.
+  c = _config('mnist')
+  c.dataset.data_dir = str(tmp_path)
+  with pytest.raises(datasets.DatasetError,
+                     match=f'tfds build mnist --data_dir={tmp_path}'):
+    datasets.dataset_info(c)
+  # A name TFDS does not know: one line naming it and the two ways out.
+  with pytest.raises(datasets.DatasetError) as e:
+    datasets.dataset_info(_config('no_such_images'))
+  message = str(e.value)
+  assert "Unknown dataset 'no_such_images'" in message and '\n' not in message
+  assert "dataset.name='folder'" in message and 'prepare_data' in message
   with pytest.raises(datasets.DatasetError, match='multiple of the process'):
     pipeline.make_pretrain_iterator(_config(batch_size=30), process_index=0,
                                     process_count=4)

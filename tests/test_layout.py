@@ -11,7 +11,7 @@ import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent / 'simclr_jax'
 # Top to bottom; the README's layout section lists the same order.
-LAYERS = ('main', 'benchmark', 'study', 'tools', 'downstream', 'training',
+LAYERS = ('main', 'benchmark', 'study', 'prepare_data', 'tools', 'downstream', 'training',
           'evaluation', 'export', 'config', 'methods', 'models', 'losses',
           'data', 'runtime')
 

@@ -21,13 +21,27 @@ def base_config() -> ml_collections.ConfigDict:
   # the checkpoint of the run whose --workdir this names.
   c.init_from = ''
 
-  # Data. `name` is 'digits' (embedded), 'synthetic', or a TFDS name such as
-  # 'cifar10', 'cifar100', 'stl10', 'imagenet2012', 'imagenet2012_subset/1pct'.
+  # Data. `name` is 'digits' (embedded), 'synthetic', 'folder' (your own
+  # images) or any TFDS image dataset name[:version], such as 'cifar10',
+  # 'stl10', 'imagenet2012', 'food101', 'oxford_flowers102:2.1.1'.
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = 'digits'
   c.dataset.data_dir = ml_collections.FieldReference(None, field_type=str)
   c.dataset.train_split = 'train'
+  # A dataset without this split is evaluated on 'test' or 'validation', or
+  # on a held-out 10% of its only split (datasets.resolve_splits logs which).
   c.dataset.eval_split = 'test'
+  # TFDS feature names; '' = found in the builder's info ('image'/'label',
+  # or the only Image/ClassLabel feature; no ClassLabel = unlabelled).
+  c.dataset.image_key = ''
+  c.dataset.label_key = ''
+  # name='folder': a folder of images (class subfolders = labels, none =
+  # unlabelled; optional train/validation/test subfolders), or the output
+  # of `python -m simclr_jax.prepare_data`. Without split subfolders a
+  # seeded fraction is held out as 'validation'.
+  c.dataset.folder = ''
+  c.dataset.folder_validation_fraction = 0.1
+  c.dataset.folder_split_seed = 0
   c.dataset.image_size = 32  # Size of the augmented views fed to the encoder.
   # For the on-device ('jax') augmentation of variable-size images, the host
   # resizes every image to raw_size x raw_size first (0 = image_size).
@@ -150,6 +164,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.monitor_max_examples = 0  # Cap per split for the monitor; 0 = all.
   c.eval.fewshot_shots = (1, 5, 10)
   c.eval.fewshot_draws = 10
+  # Probe and kNN on another dataset than the pretraining one (e.g. labelled
+  # images after pretraining on unlabelled ones): fields set here replace
+  # config.dataset's; name '' = the pretraining dataset.
+  c.eval.dataset = ml_collections.ConfigDict(dict(
+      name='', folder='', data_dir='', train_split='', eval_split=''))
   c.eval.probe_random_init = True  # Also probe the same architecture at random init.
   # Also read out the raw pixels (flattened eval images) the same three ways:
   # the baseline a representation has to beat. Off for ImageNet-size images.

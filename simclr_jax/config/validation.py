@@ -27,8 +27,10 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
   """Raises ConfigError for the first invalid field."""
   from simclr_jax.data import datasets  # pylint: disable=g-import-not-at-top
 
-  checks.choice('dataset.name', config.dataset.name,
-                datasets.KNOWN_DATASETS)
+  try:  # Any TFDS name passes; TFDS itself says later if it is unknown.
+    datasets.check_name(config)
+  except datasets.DatasetError as e:
+    raise ConfigError(str(e)) from e
   checks.choice('model.depth', config.model.depth, DEPTHS)
   checks.choice('model.stem', config.model.stem, resnet.STEMS)
   checks.choice('model.maxpool_padding',

@@ -28,8 +28,8 @@ from simclr_jax.data.augment_jax import ViewParams
 
 __all__ = [
     'BlurParams', 'ColorParams', 'CropBox', 'ViewParams', 'jax_eval',
-    'jax_finetune_views', 'jax_views', 'tf_eval', 'tf_finetune_view',
-    'tf_view'
+    'jax_finetune_views', 'jax_views', 'resize_centre_crop', 'tf_eval',
+    'tf_finetune_view', 'tf_view'
 ]
 
 
@@ -71,3 +71,8 @@ def tf_finetune_view(image: Any, size: int, seed: Any = None,
   """Crop + flip only, for fine-tuning and linear evaluation."""
   return _tf_backend().tf_finetune_view(image, size, seed, crop_min_area,
                                         flip)
+
+
+def resize_centre_crop(image: Any, size: int) -> Any:
+  """uint8 (size, size, 3): shorter side to `size`, centre square kept."""
+  return _tf_backend().resize_centre_crop(image, size)

@@ -224,3 +224,29 @@ def tf_eval(image: tf.Tensor, size: int) -> tf.Tensor:
   image = tf.image.resize(image, [size, size],
                           method=tf.image.ResizeMethod.BICUBIC)
   return tf.ensure_shape(tf.clip_by_value(image, 0.0, 1.0), [size, size, 3])
+
+
+def resize_centre_crop(image: tf.Tensor, size: int) -> tf.Tensor:
+  """uint8 (size, size, 3): shorter side resized to `size`, centre square kept.
+
+  Gives the fixed-size raw images that in-memory datasets and the on-device
+  augmentation need while keeping as much of each image as a square can
+  (bicubic with antialiasing, so downscaling large photos does not alias).
+  An image already (size, size) passes through unchanged.
+  """
+  shape = tf.shape(image)
+  h, w = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
+  scale = float(size) / tf.minimum(h, w)
+  new_h = tf.maximum(size, tf.cast(tf.round(h * scale), tf.int32))
+  new_w = tf.maximum(size, tf.cast(tf.round(w * scale), tf.int32))
+
+  def resize():
+    resized = tf.image.resize(image, [new_h, new_w], method='bicubic',
+                              antialias=True)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    crop = resized[top:top + size, left:left + size]
+    return tf.cast(tf.round(tf.clip_by_value(crop, 0.0, 255.0)), tf.uint8)
+
+  same = tf.logical_and(tf.equal(shape[0], size), tf.equal(shape[1], size))
+  out = tf.cond(same, lambda: tf.cast(image, tf.uint8), resize)
+  return tf.ensure_shape(out, [size, size, 3])

@@ -134,7 +134,7 @@ def make_pretrain_iterator(config: ml_collections.ConfigDict, *,
       the process count or larger than the training split, TF missing.
   """
   name = config.dataset.name
-  datasets.check_known(name)
+  datasets.check_name(config)
   backend = config.augment.backend
   if backend not in ('tf', 'jax'):
     raise DatasetError(
@@ -176,7 +176,7 @@ def _train_arrays(config: ml_collections.ConfigDict
   raw_size pixels (the order `load_eval_arrays` reads it in, so a row id
   means the same image to a method featurising the split).
   """
-  if datasets.is_in_memory(config.dataset.name):
+  if datasets.is_in_memory(config):
     return datasets.load_in_memory(config, config.dataset.train_split)
   key = (config.dataset.name, config.dataset.data_dir,
          config.dataset.train_split, datasets.raw_size(config))
@@ -262,37 +262,16 @@ def _in_memory_tf_stream(*, config, process_index, process_count, start_step,
     yield from _finish(tf, ds, local_batch).as_numpy_iterator()
 
 
-def _resize_crop_fn(tf: Any, size: int):
-  """Aspect-preserving resize of the shorter side to `size`, centre crop.
-
-  Gives the fixed-size uint8 images the on-device augmentation needs while
-  keeping as much of each image as a square can.
-  """
-
-  def fn(image):
-    shape = tf.shape(image)
-    h, w = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
-    scale = float(size) / tf.minimum(h, w)
-    new_h = tf.maximum(size, tf.cast(tf.round(h * scale), tf.int32))
-    new_w = tf.maximum(size, tf.cast(tf.round(w * scale), tf.int32))
-    resized = tf.image.resize(image, [new_h, new_w], method='bicubic',
-                              antialias=True)
-    top, left = (new_h - size) // 2, (new_w - size) // 2
-    crop = resized[top:top + size, left:left + size]
-    crop = tf.cast(tf.round(tf.clip_by_value(crop, 0.0, 255.0)), tf.uint8)
-    return tf.ensure_shape(crop, [size, size, 3])
-
-  return fn
-
-
 def _raw_image_fn(tf: Any, image_shape: tuple[int | None, ...], size: int):
   """Returns image -> uint8 (size, size, 3), skipping the resize if a no-op."""
   if tuple(image_shape[:2]) == (size, size):
     return lambda image: tf.ensure_shape(image, [size, size, 3])
-  return _resize_crop_fn(tf, size)
+  from simclr_jax.data import augment  # pylint: disable=g-import-not-at-top
+  return lambda image: augment.resize_centre_crop(image, size)
 
 
-def _decode_dropping_corrupt(tf: Any, ds: Any, image_feature: Any) -> Any:
+def _decode_dropping_corrupt(tf: Any, ds: Any, image_feature: Any,
+                             image_key: str = 'image') -> Any:
   """Decodes the images of `ds`, dropping those that do not decode.
 
   `ds` holds examples with the image still encoded (tfds SkipDecoding) and a
@@ -311,8 +290,9 @@ def _decode_dropping_corrupt(tf: Any, ds: Any, image_feature: Any) -> Any:
     return (pos + 1, ex['tfds_id']), dict(ex, _pos=pos, _corrupt_id=prev_id)
 
   def decode(ex):
-    image = tf.ensure_shape(image_feature.decode_example(ex['image']), shape)
-    return dict(ex, image=image)
+    image = tf.ensure_shape(image_feature.decode_example(ex[image_key]),
+                            shape)
+    return dict(ex, **{image_key: image})
 
   def gap(last, ex):
     ex = dict(ex)
@@ -353,8 +333,8 @@ def _tfds_stream(*, config, process_index, process_count, start_step,
   builder = datasets.tfds_builder(config)
   split = tfds.even_splits(config.dataset.train_split, n=process_count,
                            drop_remainder=True)[process_index]
-  image_feature = builder.info.features['image']
-  has_label = 'label' in builder.info.features
+  image_key, label_key = datasets.feature_keys(builder, config)
+  image_feature = builder.info.features[image_key]
   backend = config.augment.backend
   buffer = max(1, int(config.dataset.shuffle_buffer_multiplier) * local_batch)
   per_epoch = spe * local_batch
@@ -367,7 +347,7 @@ def _tfds_stream(*, config, process_index, process_count, start_step,
     return builder.as_dataset(
         split=split,
         shuffle_files=True,
-        decoders={'image': tfds.decode.SkipDecoding()},
+        decoders={image_key: tfds.decode.SkipDecoding()},
         read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed,
                                     add_tfds_id=True, try_autocache=False))
 
@@ -377,11 +357,11 @@ def _tfds_stream(*, config, process_index, process_count, start_step,
             if config.dataset.cache else None)
 
   def parse(ex):
-    label = (tf.cast(ex['label'], tf.int32) if has_label
+    label = (tf.cast(ex[label_key], tf.int32) if label_key
              else tf.constant(-1, tf.int32))
     index = tf.strings.to_hash_bucket_fast(ex['tfds_id'], 1 << 62)
     marks = {k: ex[k] for k in ('_corrupt', '_corrupt_id')}
-    return ex['image'], label, index, marks
+    return ex[image_key], label, index, marks
 
   def raw(image, label, index):
     out = {'images': raw_fn(image), 'labels': label}
@@ -400,7 +380,7 @@ def _tfds_stream(*, config, process_index, process_count, start_step,
     # an epoch is the same whether the run started at 0 or resumed at k (at
     # the price of decoding, not augmenting, the part of the epoch a resume
     # skips).
-    ds = _decode_dropping_corrupt(tf, ds, image_feature)
+    ds = _decode_dropping_corrupt(tf, ds, image_feature, image_key)
     # filter, not skip/take: the stream is read to its end, so a cache fills
     # completely (tf.data drops a partially read cache).
     lo, hi = first * local_batch, per_epoch
@@ -464,21 +444,21 @@ def _tfds_arrays(config: ml_collections.ConfigDict, split: str,
   builder = datasets.tfds_builder(config)
   datasets.tfds_split_size(builder, config.dataset.name, split)
   tfds = datasets.import_tfds(config.dataset.name)
-  image_feature = builder.info.features['image']
+  image_key, label_key = datasets.feature_keys(builder, config)
+  image_feature = builder.info.features[image_key]
   image_fn = image_fn_builder(tf, image_feature.shape)
-  has_label = 'label' in builder.info.features
   ds = builder.as_dataset(
       split=split, shuffle_files=False,
-      decoders={'image': tfds.decode.SkipDecoding()},
+      decoders={image_key: tfds.decode.SkipDecoding()},
       read_config=tfds.ReadConfig(add_tfds_id=True))
-  ds = _decode_dropping_corrupt(tf, ds, image_feature)
+  ds = _decode_dropping_corrupt(tf, ds, image_feature, image_key)
   if max_examples is not None:
     ds = ds.take(max_examples)
 
   def fn(ex):
-    label = (tf.cast(ex['label'], tf.int32) if has_label
+    label = (tf.cast(ex[label_key], tf.int32) if label_key
              else tf.constant(-1, tf.int32))
-    return {'x': image_fn(ex['image']), 'y': label,
+    return {'x': image_fn(ex[image_key]), 'y': label,
             '_corrupt': ex['_corrupt'], '_corrupt_id': ex['_corrupt_id']}
 
   ds = ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -504,9 +484,8 @@ def load_eval_arrays(config: ml_collections.ConfigDict, split: str, *,
   for large splits.
   """
   size = int(config.dataset.image_size)
-  name = config.dataset.name
-  datasets.check_known(name)
-  if datasets.is_in_memory(name):
+  datasets.check_name(config)
+  if datasets.is_in_memory(config):
     images, labels = datasets.load_in_memory(config, split)
     if max_examples is not None:
       images, labels = images[:max_examples], labels[:max_examples]
@@ -531,9 +510,8 @@ def load_train_arrays_raw(config: ml_collections.ConfigDict,
   order. `split` defaults to config.dataset.train_split.
   """
   split = config.dataset.train_split if split is None else split
-  name = config.dataset.name
-  datasets.check_known(name)
-  if datasets.is_in_memory(name):
+  datasets.check_name(config)
+  if datasets.is_in_memory(config):
     images, labels = datasets.load_in_memory(config, split)
     if max_examples is not None:
       images, labels = images[:max_examples], labels[:max_examples]

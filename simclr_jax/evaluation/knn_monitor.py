@@ -55,9 +55,12 @@ def read_history(workdir: str) -> list[dict[str, Any]]:
 class KnnMonitor:
   """Measures kNN accuracy of the encoder features of a train state."""
 
-  def __init__(self, setup: Any, workdir: str):
+  def __init__(self, setup: Any, workdir: str,
+               eval_config: Any | None = None):
+    """eval_config: whose dataset to score on (default the run's)."""
     from simclr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-    c = setup.config
+    c = setup.config if eval_config is None else eval_config
+    self._config = c
     self._setup = setup
     self._workdir = workdir
     self.every = every_steps(c.eval.eval_every_epochs, setup.steps_per_epoch)
@@ -73,13 +76,15 @@ class KnnMonitor:
 
   def measure(self, step: int, variables: Any) -> float:
     """kNN top-1 on the test split; logs it and appends it to the history."""
-    c = self._setup.config
+    c = self._config
     if self._arrays is None:  # Loaded once, on first use.
       self._arrays = (self._load(c.dataset.train_split),
                       self._load(c.dataset.eval_split))
     accuracy = readout.knn_frozen(
         self._apply, variables, *self._arrays, eval_config=c.eval,
-        num_classes=self._setup.info.num_classes, mesh=self._setup.mesh)
+        num_classes=int(max(self._arrays[0][1].max(),
+                            self._arrays[1][1].max())) + 1,
+        mesh=self._setup.mesh)
     epoch = step / self._setup.steps_per_epoch
     logging.info('kNN monitor at step %d (epoch %.2f): top-1 %.4f', step,
                  epoch, accuracy)

@@ -113,7 +113,9 @@ def build(config: ml_collections.ConfigDict, mesh=None) -> Setup:
   total_steps = config.train_steps or config.num_epochs * steps_per_epoch
   method = methods.make_method(config, mesh=mesh, total_steps=total_steps,
                                num_train_examples=info.num_train_examples)
-  model = models.build_model(config, info.num_classes,
+  # The online linear head needs a width even without labels (its loss is
+  # then 0: every label is -1).
+  model = models.build_model(config, max(info.num_classes, 1),
                              **method.model_overrides())
   tx, schedule = optim.make_optimizer(config, steps_per_epoch, total_steps)
   init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
@@ -143,8 +145,13 @@ def initial_state(setup: Setup) -> state_lib.TrainState:
 
 def _knn_hook(setup: Setup, workdir: str):
   """The loop's after_step hook for the kNN monitor, or None if it is off."""
-  monitor = knn_monitor.KnnMonitor(setup, workdir)
+  ec, labelled = probe_dataset(setup)
+  monitor = knn_monitor.KnnMonitor(setup, workdir, ec)
   if not monitor.every:
+    return None
+  if not labelled:
+    logging.warning('kNN monitor off: %s has no labels to score it with.',
+                    ec.dataset.name)
     return None
 
   def after_step(step: int, state) -> dict | None:
@@ -275,6 +282,14 @@ def recalibrate_batch_stats(setup: Setup, variables: dict,
   return {'params': variables['params'], 'batch_stats': batch_stats}
 
 
+def probe_dataset(setup: Setup) -> tuple[ml_collections.ConfigDict, bool]:
+  """(the config whose dataset the read-outs use, whether it has labels)."""
+  from simclr_jax.data import datasets  # pylint: disable=g-import-not-at-top
+  ec = datasets.evaluation_config(setup.config)
+  info = setup.info if ec is setup.config else datasets.dataset_info(ec)
+  return ec, info.labelled
+
+
 def evaluate_encoder(setup: Setup, state: state_lib.TrainState) -> dict:
   """Frozen-feature probes, few-shot probes and kNN, pretrained vs random.
 
@@ -283,8 +298,15 @@ def evaluate_encoder(setup: Setup, state: state_lib.TrainState) -> dict:
   """
   from simclr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   c = setup.config
-  train = pipeline.load_eval_arrays(c, c.dataset.train_split)
-  test = pipeline.load_eval_arrays(c, c.dataset.eval_split)
+  ec, labelled = probe_dataset(setup)
+  if not labelled:
+    why = (f'probes skipped: {ec.dataset.name} {ec.dataset.train_split!r} has '
+           'no labels; set config.eval.dataset.name (and .folder, '
+           '.train_split, .eval_split) to probe on a labelled dataset')
+    logging.warning('%s.', why)
+    return {'probes_skipped': why}
+  train = pipeline.load_eval_arrays(ec, ec.dataset.train_split)
+  test = pipeline.load_eval_arrays(ec, ec.dataset.eval_split)
   apply = readout.feature_fn(setup.model)
   t0 = time.time()
   probe = functools.partial(readout.evaluate_frozen, apply, train=train,
