@@ -48,4 +48,10 @@ def get_config():
   c.augment.finetune_flip = False
   c.distill.update(dict(epochs=20.0, batch_size=128, learning_rate=0.8,
                         lr_scaling='linear'))
+  # Domain adaptation to the textured digits (--mode=adapt): 64 images of
+  # each domain per step, 10 epochs of the source; contrastive methods
+  # pretrain 10 epochs on both domains first.
+  c.adapt.update(dict(target='digits_m', epochs=10.0, batch_size=64,
+                      learning_rate=0.4, lr_scaling='linear',
+                      contrastive_epochs=10))
   return c

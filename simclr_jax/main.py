@@ -4,7 +4,8 @@ r"""Command-line entry point.
 
 Modes: pretrain (default; then probes the frozen encoder), and the downstream
 modes that start from a finished run named by --config.init_from=RUN_WORKDIR:
-linear_eval, finetune, distill, embed and export. The same command
+linear_eval, finetune, distill, embed and export; and adapt (domain
+adaptation, from such a run or from scratch). The same command
 runs on every host of a multi-host job; re-running it in the same workdir
 resumes. Bad configs and unusable inputs end with one line on stderr and
 exit status 2.
@@ -29,7 +30,8 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Recipe file (configs/*.py).',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Checkpoints, summaries, results.json.')
-MODES = ('pretrain', 'linear_eval', 'finetune', 'distill', 'embed', 'export')
+MODES = ('pretrain', 'linear_eval', 'finetune', 'distill', 'adapt', 'embed',
+         'export')
 flags.DEFINE_enum('mode', 'pretrain', MODES, 'What to run.')
 flags.DEFINE_string('coordinator_address', None,
                     'host:port of process 0, for jax.distributed.initialize.')

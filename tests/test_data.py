@@ -430,6 +430,14 @@ def test_unlabelled_and_versioned_tfds_datasets_stream():
                 data_dir='/nonexistent/tfds')
     assert datasets.dataset_info(c).num_classes == 10
     assert _take(c, 1)[0]['labels'].max() < 10
+    # A grey dataset reads as RGB, for training and for evaluation.
+    c = _config('mnist', batch_size=8, data_dir='/nonexistent/tfds',
+                image_size=16)
+    images = _take(c, 1)[0]['images']
+    assert images.shape == (8, 16, 16, 3)
+    np.testing.assert_array_equal(images[..., 0], images[..., 2])
+    x, _ = pipeline.load_eval_arrays(c, 'test')
+    assert x.shape[1:] == (16, 16, 3)
 
 
 @requires_tf

@@ -279,3 +279,17 @@ def test_embed_writes_png(pretrained, tmp_path):
   with open(results['png'], 'rb') as f:
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
   assert results['num_points'] == 360
+
+
+def test_embed_of_two_domains_colours_by_domain_and_class(pretrained,
+                                                          tmp_path):
+  c = _config(pretrained)
+  c.embed.update(dict(method='pca', target='digits_m'))
+  results = downstream.run_embed(c, str(tmp_path))
+  with open(results['png'], 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  saved = np.load(os.path.join(str(tmp_path), 'embedding_pca.npz'))
+  assert results['num_points'] == 720
+  assert np.bincount(saved['domains']).tolist() == [360, 360]
+  # Both halves carry the (same) digits test labels.
+  np.testing.assert_array_equal(saved['labels'][:360], saved['labels'][360:])

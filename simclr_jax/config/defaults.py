@@ -200,8 +200,24 @@ def base_config() -> ml_collections.ConfigDict:
       epochs=30.0, batch_size=1024, learning_rate=0.005, lr_scaling='sqrt',
       momentum=0.9, nesterov=True, weight_decay=0.0, temperature=1.0,
       labelled_weight=0.0))
-  # embed: 2-D picture of the eval-split encoder features ('pca' or 'tsne').
-  c.embed = ml_collections.ConfigDict(dict(method='tsne', max_points=5000))
+  # embed: 2-D picture of the eval-split encoder features ('pca' or 'tsne');
+  # with `target` (a dataset name) both domains' features, coloured by domain
+  # and by class.
+  c.embed = ml_collections.ConfigDict(dict(method='tsne', max_points=5000,
+                                           target=''))
+  # adapt (--mode=adapt): labelled config.dataset (source) + unlabelled
+  # `target` in every batch of batch_size per domain. method: source_only,
+  # dann, coral, mmd, contrastive (SimCLR on source+target images first,
+  # contrastive_epochs, then the source classifier), or contrastive+dann /
+  # +coral / +mmd. weight: the alignment term's weight (DANN: the reversal
+  # scale's maximum). Starts from config.init_from if set, else scratch.
+  c.adapt = ml_collections.ConfigDict(dict(
+      method='source_only', target='digits_m', target_data_dir='',
+      target_train_split='train', target_eval_split='test', weight=1.0,
+      dann_gamma=10.0, domain_hidden_dim=256, contrastive_epochs=20,
+      compare_source_only=False, epochs=30.0, batch_size=128,
+      learning_rate=0.1, lr_scaling='linear', momentum=0.9, nesterov=True,
+      weight_decay=5e-4))
   # export (simclr_jax/export/): include_head also writes the projection head;
   # torchvision: 'auto' writes resnet{depth}.safetensors when torchvision has
   # the architecture (width 1, no SK) and records why not otherwise,

@@ -76,6 +76,23 @@ def check_distill(config: ml_collections.ConfigDict) -> None:
     _fail('distill.labelled_weight', d.labelled_weight, 'must be in [0, 1]')
 
 
+def check_adapt(config: ml_collections.ConfigDict) -> None:
+  """adapt.* beyond the training fields (the method is parsed first)."""
+  a = config.adapt
+  if not a.target:
+    _fail('adapt.target', a.target, 'name the target dataset (e.g. digits_m)')
+  if not a.weight >= 0:
+    _fail('adapt.weight', a.weight, 'must be >= 0')
+  if not a.dann_gamma > 0:
+    _fail('adapt.dann_gamma', a.dann_gamma, 'must be > 0')
+  if not (isinstance(a.contrastive_epochs, int) and a.contrastive_epochs > 0):
+    _fail('adapt.contrastive_epochs', a.contrastive_epochs,
+          'must be an integer > 0')
+  if not (isinstance(a.domain_hidden_dim, int) and a.domain_hidden_dim > 0):
+    _fail('adapt.domain_hidden_dim', a.domain_hidden_dim,
+          'must be an integer > 0')
+
+
 def check_embed(config: ml_collections.ConfigDict) -> None:
   e = config.embed
   if e.method not in EMBED_METHODS:

@@ -30,7 +30,7 @@ from absl import logging
 import ml_collections
 import numpy as np
 
-IN_MEMORY_DATASETS = ('digits', 'synthetic')
+IN_MEMORY_DATASETS = ('digits', 'digits_m', 'synthetic')
 FOLDER = 'folder'
 # The TFDS datasets the recipes and tests are written for; any other TFDS
 # image dataset works the same way.
@@ -51,6 +51,7 @@ KNOWN_DATASETS = IN_MEMORY_DATASETS + TFDS_DATASETS
 # 'train'; ImageNet evaluates on 'validation' (its 'test' has no labels).
 RECOMMENDED_SPLITS = {
     'digits': ('train', 'train', 'test'),
+    'digits_m': ('train', 'train', 'test'),
     'synthetic': ('train', 'train', 'test'),
     'cifar10': ('train', 'train', 'test'),
     'cifar100': ('train', 'train', 'test'),
@@ -109,7 +110,21 @@ def is_in_memory(config: ml_collections.ConfigDict) -> bool:
   if name == FOLDER:
     from simclr_jax.data import folder  # pylint: disable=g-import-not-at-top
     return not folder.is_prepared(config.dataset.folder)
-  return name in IN_MEMORY_DATASETS
+  return name in IN_MEMORY_DATASETS or bool(union_parts(name))
+
+
+def union_parts(name: str) -> tuple[str, ...]:
+  """The parts of an in-memory union such as 'digits+digits_m', else ().
+
+  A union holds the images of every part, in order; only the first part's
+  labels are kept (the rest read as unlabelled, -1), so a contrastive run
+  on source and target images together never sees a target label
+  (downstream/adapt.py).
+  """
+  parts = tuple(name.split('+'))
+  if len(parts) > 1 and all(p in IN_MEMORY_DATASETS for p in parts):
+    return parts
+  return ()
 
 
 def reads_in_memory(config: ml_collections.ConfigDict) -> bool:
@@ -262,7 +277,9 @@ def feature_keys(builder: Any, config: ml_collections.ConfigDict
 def available_splits(config: ml_collections.ConfigDict) -> list[str]:
   """The split names of config.dataset, as far as its metadata knows them."""
   name = config.dataset.name
-  if name == 'digits':
+  if union_parts(name):
+    name = union_parts(name)[0]
+  if name in ('digits', 'digits_m'):
     from simclr_jax.data import digits  # pylint: disable=g-import-not-at-top
     return list(digits.SPLITS)
   if name == 'synthetic':
@@ -400,13 +417,23 @@ def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
 
 
 def _in_memory_num_classes(config: ml_collections.ConfigDict) -> int:
-  if config.dataset.name == 'digits':
+  if union_parts(config.dataset.name):
+    return _in_memory_num_classes(_part_config(
+        config, union_parts(config.dataset.name)[0]))
+  if config.dataset.name in ('digits', 'digits_m'):
     from simclr_jax.data import digits  # pylint: disable=g-import-not-at-top
     return digits.NUM_CLASSES
   if config.dataset.name == FOLDER:
     from simclr_jax.data import folder  # pylint: disable=g-import-not-at-top
     return folder.listing_of(config).num_classes
   return int(config.dataset.get('num_classes', _SYNTHETIC_NUM_CLASSES))
+
+
+def _part_config(config: ml_collections.ConfigDict,
+                 name: str) -> ml_collections.ConfigDict:
+  part = copy.deepcopy(config)
+  part.dataset.name = name
+  return part
 
 
 def _synthetic_num_examples(config: ml_collections.ConfigDict,
@@ -430,10 +457,13 @@ def _synthetic_arrays(split: str, num_examples: int, side: int,
 
 
 @functools.lru_cache(maxsize=4)
-def _resized_digits(split: str, side: int) -> tuple[np.ndarray, np.ndarray]:
-  """Digits at `side` pixels (cached: done once per process, not per batch)."""
+def _resized_digits(split: str, side: int, name: str = 'digits'
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  """Digits (or digits_m) at `side` pixels (cached: once per process)."""
   from simclr_jax.data import digits  # pylint: disable=g-import-not-at-top
-  images, labels = digits.load_digits(split)
+  from simclr_jax.data import digits_m  # pylint: disable=g-import-not-at-top
+  load = digits_m.load_digits_m if name == 'digits_m' else digits.load_digits
+  images, labels = load(split)
   if side == images.shape[1]:
     return images, labels
   resized = digits.resize_bilinear(images, side)
@@ -452,9 +482,16 @@ def load_in_memory(config: ml_collections.ConfigDict,
   """
   name = config.dataset.name
   check_name(config)
-  if name == 'digits':
+  if union_parts(name):
+    arrays = [load_in_memory(_part_config(config, p), split)
+              for p in union_parts(name)]
+    labels = [arrays[0][1]] + [np.full(len(y), -1, np.int32)
+                               for _, y in arrays[1:]]
+    return (np.concatenate([x for x, _ in arrays]),
+            np.concatenate(labels).astype(np.int32))
+  if name in ('digits', 'digits_m'):
     try:
-      return _resized_digits(split, raw_size(config))
+      return _resized_digits(split, raw_size(config), name)
     except ValueError as e:
       raise DatasetError(str(e)) from e
   if name == FOLDER and is_in_memory(config):

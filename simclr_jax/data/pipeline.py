@@ -292,6 +292,8 @@ def _decode_dropping_corrupt(tf: Any, ds: Any, image_feature: Any,
   def decode(ex):
     image = tf.ensure_shape(image_feature.decode_example(ex[image_key]),
                             shape)
+    if shape[-1] == 1:  # Grey datasets (mnist): RGB like every other.
+      image = tf.image.grayscale_to_rgb(image)
     return dict(ex, **{image_key: image})
 
   def gap(last, ex):

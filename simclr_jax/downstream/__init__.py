@@ -1,4 +1,5 @@
-"""Modes that start from another run: linear_eval, finetune, distill, embed.
+"""Modes that start from another run: linear_eval, finetune, distill, embed,
+and adapt (domain adaptation, from a run or from scratch).
 
   python -m simclr_jax.main --config=configs/digits.py --workdir=DIR \
       --mode=linear_eval|finetune|distill|embed --config.init_from=RUN
@@ -17,6 +18,7 @@ and a fine-tuned run can be the teacher of a distillation. Each runner
 returns the dict main writes as results.json.
 """
 
+from simclr_jax.downstream.adapt import run_adapt
 from simclr_jax.downstream.distill import run_distill
 from simclr_jax.downstream.embed import run_embed
 from simclr_jax.downstream.finetune import run_finetune
@@ -24,5 +26,5 @@ from simclr_jax.downstream.linear_eval import run_linear_eval
 
 # Modes whose runner trains through the loop (and so takes stop_after_steps).
 TRAINING_RUNNERS = {'linear_eval': run_linear_eval, 'finetune': run_finetune,
-                    'distill': run_distill}
+                    'distill': run_distill, 'adapt': run_adapt}
 RUNNERS = dict(TRAINING_RUNNERS, embed=run_embed)

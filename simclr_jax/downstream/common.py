@@ -34,7 +34,8 @@ RESUME_FIELDS = ('init_from', 'dataset.name', 'model.depth',
                  'model.width_multiplier', 'model.sk_ratio', 'model.stem',
                  'model.ft_proj_selector', 'downstream.label_fraction',
                  'downstream.label_seed', 'downstream.from_scratch',
-                 'downstream.fine_tune_after_block', 'downstream.teacher')
+                 'downstream.fine_tune_after_block', 'downstream.teacher',
+                 'downstream.method', 'downstream.target')
 
 
 def load_source(config: ml_collections.ConfigDict):
@@ -128,11 +129,14 @@ def train_classifier(config: ml_collections.ConfigDict, mode: str,
                      recorded: ml_collections.ConfigDict, *,
                      name: str | None = None, teacher: Any = None,
                      teacher_variables: Any = None,
-                     stop_after_steps: int | None = None) -> loop.LoopResult:
+                     stop_after_steps: int | None = None,
+                     make_step: Callable | None = None) -> loop.LoopResult:
   """Trains `model` from `variables` for config[mode].epochs in the loop.
 
   Records `recorded` as the workdir's config.json first (refusing an
   incompatible run there), so an interrupted run resumes on re-run.
+  `make_step(tx, schedule, mesh, total_steps)` replaces the supervised step
+  (adapt's two-domain step); `loss_fn` is then unused.
   """
   section = config[mode]
   dcfg.check_training(mode, section, num_devices=jax.device_count(),
@@ -142,12 +146,16 @@ def train_classifier(config: ml_collections.ConfigDict, mode: str,
   steps_per_epoch = data.num_examples / section.batch_size
   total = max(1, math.ceil(section.epochs * steps_per_epoch))
   tx, schedule = optim.make_supervised_optimizer(section, total, frozen)
-  step_fn = supervised.make_train_step(
-      model, tx, schedule, mesh, frozen, loss_fn, config.dataset.image_size,
-      teacher=teacher, teacher_variables=teacher_variables,
-      skip_nonfinite=config.on_nan == 'skip_step',
-      crop_min_area=config.augment.finetune_crop_min_area,
-      flip=config.augment.finetune_flip)
+  if make_step is not None:
+    step_fn = make_step(tx, schedule, mesh, total)
+  else:
+    step_fn = supervised.make_train_step(
+        model, tx, schedule, mesh, frozen, loss_fn,
+        config.dataset.image_size, teacher=teacher,
+        teacher_variables=teacher_variables,
+        skip_nonfinite=config.on_nan == 'skip_step',
+        crop_min_area=config.augment.finetune_crop_min_area,
+        flip=config.augment.finetune_flip)
   spec = loop.LoopSpec(
       name=name or mode, step_fn=step_fn, batches=data.batches,
       total_steps=total, steps_per_epoch=steps_per_epoch,

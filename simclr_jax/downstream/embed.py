@@ -1,5 +1,10 @@
-"""A 2-D picture (PCA or t-SNE) of a run's test-split encoder features."""
+"""A 2-D picture (PCA or t-SNE) of a run's test-split encoder features.
 
+With embed.target, the test splits of both domains of an adaptation, side
+by side coloured by domain and by class, so the alignment can be seen.
+"""
+
+import copy
 import io
 import os
 import time
@@ -33,26 +38,42 @@ def run_embed(config: ml_collections.ConfigDict, workdir: str) -> dict:
   variables = split_variables(src_vars, 'encoder')
   mesh = parallel.make_mesh()
   apply = jax.jit(lambda v, x: encoder.apply(v, x, train=False))
-  feats, labels = [], []
-  for x, y in labelled.eval_chunks(config):
-    feats.append(features_lib.extract_features(
-        apply, x, config.eval.batch_size, mesh, variables=variables))
-    labels.append(y)
+  # The eval split of config.dataset, and of embed.target if given (the
+  # target of a domain adaptation: one picture of both domains).
+  configs = [config]
+  if e.target:
+    from simclr_jax.downstream import adapt  # pylint: disable=g-import-not-at-top
+    target = copy.deepcopy(config)
+    target.adapt.target = e.target
+    configs.append(adapt.target_config(target))
+  feats, labels, domains = [], [], []
+  for domain, c in enumerate(configs):
+    for x, y in labelled.eval_chunks(c):
+      feats.append(features_lib.extract_features(
+          apply, x, config.eval.batch_size, mesh, variables=variables))
+      labels.append(y)
+      domains.append(np.full(len(y), domain))
   feats, labels = np.concatenate(feats), np.concatenate(labels)
+  domains = np.concatenate(domains)
   if len(labels) > e.max_points:  # Seeded subsample keeps t-SNE fast.
     keep = np.sort(np.random.default_rng(config.seed).choice(
         len(labels), e.max_points, replace=False))
-    feats, labels = feats[keep], labels[keep]
+    feats, labels, domains = feats[keep], labels[keep], domains[keep]
   t0 = time.time()
   points = embedding.project_2d(feats, e.method, seed=config.seed)
   path = os.path.join(workdir, f'embedding_{e.method}.png')
-  title = (f'{e.method.upper()} of {config.dataset.name} '
+  names = ' and '.join(c.dataset.name for c in configs)
+  title = (f'{e.method.upper()} of {names} '
            f'{config.dataset.eval_split} encoder features\n'
            f'{config.init_from} (step {src_step})')
   if jax.process_index() == 0:
-    embedding.plot_embedding(points, labels, path, title)
+    if e.target:
+      embedding.plot_domains(points, labels, domains,
+                             [c.dataset.name for c in configs], path, title)
+    else:
+      embedding.plot_embedding(points, labels, path, title)
     buffer = io.BytesIO()  # np.savez needs a seekable file; GCS has none.
-    np.savez(buffer, points=points, labels=labels)
+    np.savez(buffer, points=points, labels=labels, domains=domains)
     epath.Path(workdir, f'embedding_{e.method}.npz').write_bytes(
         buffer.getvalue())
   return {'mode': 'embed', 'init_from': config.init_from,

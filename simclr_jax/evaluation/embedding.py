@@ -64,3 +64,45 @@ def plot_embedding(points: np.ndarray, labels: np.ndarray, path: str,
   plt.close(fig)
   epath.Path(path).write_bytes(buffer.getvalue())
   return path
+
+
+def plot_domains(points: np.ndarray, labels: np.ndarray, domains: np.ndarray,
+                 domain_names: list[str], path: str, title: str) -> str:
+  """Two panels of the same points: coloured by domain, and by class (marker
+  by domain), so aligned features show as mixed domains within classes."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  labels, domains = np.asarray(labels), np.asarray(domains)
+  fig, axes = plt.subplots(1, 2, figsize=(11, 5.5), dpi=120)
+  markers = 'o^sx'
+  for d, name in enumerate(domain_names):
+    sel = domains == d
+    axes[0].scatter(points[sel, 0], points[sel, 1], s=6, alpha=0.6,
+                    label=name)
+  classes = np.unique(labels)
+  cmap = plt.get_cmap('tab10' if len(classes) <= 10 else 'tab20')
+  for i, cls in enumerate(classes):
+    for d in range(len(domain_names)):
+      sel = (labels == cls) & (domains == d)
+      axes[1].scatter(points[sel, 0], points[sel, 1], s=8, alpha=0.7,
+                      color=cmap(i % cmap.N), marker=markers[d % 4],
+                      label=str(cls) if d == 0 else None)
+  axes[0].legend(markerscale=2, fontsize=7, title='domain')
+  if len(classes) <= 20:
+    axes[1].legend(markerscale=2, fontsize=7, title='label', ncol=2)
+  axes[0].set_title('by domain', fontsize=9)
+  axes[1].set_title('by class (marker: ' + ', '.join(
+      f'{markers[d % 4]} {n}' for d, n in enumerate(domain_names)) + ')',
+                    fontsize=9)
+  for ax in axes:
+    ax.set_xticks([])
+    ax.set_yticks([])
+  fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format=os.path.splitext(path)[1][1:] or None)
+  plt.close(fig)
+  epath.Path(path).write_bytes(buffer.getvalue())
+  return path

@@ -5,9 +5,11 @@
   family.py       SupCon, MoCo v2/v3, BYOL, Sinkhorn/SwAV, InstDisc, HCL,
                   InvaSpread
   metric.py       batch-hard triplet and pairwise margin losses
+  alignment.py    domain adaptation: gradient reversal, CORAL, MK-MMD
   normalize.py    the one l2_normalize
 """
 
+from simclr_jax.losses import alignment
 from simclr_jax.losses.contrastive import ContrastiveStats
 from simclr_jax.losses.contrastive import finalize
 from simclr_jax.losses.contrastive import masked_cross_entropy

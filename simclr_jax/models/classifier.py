@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from simclr_jax.losses import alignment
 from simclr_jax.models import heads
 from simclr_jax.models import resnet
 
@@ -59,6 +60,9 @@ class Classifier(nn.Module):
       last kept layer is the head's output layer).
     proj_out_dim: width of the head's output layer.
     num_classes: classifier outputs.
+    domain_hidden_dim: > 0 adds DANN's domain classifier (two ReLU layers
+      of this width and one logit) behind a gradient-reversal layer on the
+      classifier's input features ('domain_logits'; `--mode=adapt`).
     frozen_encoder: run the encoder in inference mode (BN uses its running
       statistics) behind stop_gradient, as linear evaluation needs (Chen et
       al. 2020a, App. B.6); the optimiser must also leave its weights alone.
@@ -74,11 +78,16 @@ class Classifier(nn.Module):
   proj_out_dim: int = 128
   num_classes: int = 1000
   frozen_encoder: bool = False
+  domain_hidden_dim: int = 0
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> dict[str, jax.Array]:
-    """Returns {'features': classifier input, 'logits': (N, classes)}."""
+  def __call__(self, x: jax.Array, train: bool,
+               reversal_scale: jax.Array | float = 1.0
+               ) -> dict[str, jax.Array]:
+    """Returns {'features': classifier input, 'logits': (N, classes)}, and
+    'domain_logits' (N, 1) with a domain classifier, whose gradient reaches
+    the features multiplied by -reversal_scale."""
     h = resnet.ResNet(
         depth=self.depth, width_multiplier=self.width_multiplier,
         sk_ratio=self.sk_ratio, cifar_stem=self.cifar_stem,
@@ -92,13 +101,22 @@ class Classifier(nn.Module):
                      name='projection_head')(h, train)
     h = h.astype(jnp.float32)
     logits = heads.LinearHead(self.num_classes, name='classifier')(h)
-    return {'features': h, 'logits': logits}
+    out = {'features': h, 'logits': logits}
+    if self.domain_hidden_dim:
+      d = alignment.gradient_reversal(h, jnp.asarray(reversal_scale,
+                                                     jnp.float32))
+      for i in range(2):
+        d = nn.relu(nn.Dense(self.domain_hidden_dim,
+                             name=f'domain_dense{i + 1}')(d))
+      out['domain_logits'] = nn.Dense(1, name='domain_out')(d)
+    return out
 
 
 def build_classifier(run_config: ml_collections.ConfigDict, *,
                      head_layers: int, num_classes: int,
                      frozen_encoder: bool = False,
-                     compute_dtype: str | None = None) -> Classifier:
+                     compute_dtype: str | None = None,
+                     domain_hidden_dim: int = 0) -> Classifier:
   """A Classifier with the architecture of `run_config.model`.
 
   `run_config` is the config of the run whose encoder is used (the source
@@ -117,4 +135,5 @@ def build_classifier(run_config: ml_collections.ConfigDict, *,
       maxpool_padding=m.get('maxpool_padding', 'torch'),
       head_layers=head_layers, total_head_layers=m.num_proj_layers,
       proj_out_dim=m.proj_out_dim, num_classes=num_classes,
-      frozen_encoder=frozen_encoder, dtype=dtype)
+      frozen_encoder=frozen_encoder, domain_hidden_dim=domain_hidden_dim,
+      dtype=dtype)
