@@ -58,12 +58,7 @@ def plot_embedding(points: np.ndarray, labels: np.ndarray, path: str,
   ax.set_xticks([])
   ax.set_yticks([])
   fig.tight_layout()
-  # Through a buffer, so `path` may be remote (gs://...) too.
-  buffer = io.BytesIO()
-  fig.savefig(buffer, format=os.path.splitext(path)[1][1:] or None)
-  plt.close(fig)
-  epath.Path(path).write_bytes(buffer.getvalue())
-  return path
+  return _save(fig, path)
 
 
 def plot_domains(points: np.ndarray, labels: np.ndarray, domains: np.ndarray,
@@ -101,6 +96,12 @@ def plot_domains(points: np.ndarray, labels: np.ndarray, domains: np.ndarray,
     ax.set_yticks([])
   fig.suptitle(title, fontsize=9)
   fig.tight_layout()
+  return _save(fig, path)
+
+
+def _save(fig, path: str) -> str:
+  """Writes and closes `fig`, through a buffer so `path` may be gs://."""
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
   buffer = io.BytesIO()
   fig.savefig(buffer, format=os.path.splitext(path)[1][1:] or None)
   plt.close(fig)

@@ -26,6 +26,7 @@ import optax
 from simclr_jax import losses
 from simclr_jax.losses import alignment
 from simclr_jax.runtime import parallel
+from simclr_jax.training import supervised
 from simclr_jax.training.state import TrainState
 
 ALIGNMENTS = ('none', 'dann', 'coral', 'mmd')
@@ -91,17 +92,9 @@ def make_adapt_step(model: Any, tx: optax.GradientTransformation,
 
     grads, (metrics, batch_stats) = jax.grad(loss, has_aux=True)(
         state.params)
-    finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(
-        optax.tree.norm(grads))
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new_state = state.replace(
-        step=state.step + 1, params=optax.apply_updates(state.params,
-                                                        updates),
-        batch_stats=batch_stats, opt_state=opt_state)
-    if skip_nonfinite:
-      kept = state.replace(step=state.step + 1)
-      new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                               new_state, kept)
+    new_state, finite = supervised.update_state(
+        state, grads, batch_stats, tx, metrics['loss'],
+        skip_nonfinite=skip_nonfinite)
     metrics = dict(metrics, learning_rate=schedule(state.step),
                    reversal_scale=reversal,
                    skipped=1.0 - finite.astype(jnp.float32))

@@ -117,6 +117,35 @@ def frozen_mask(params: Any, fine_tune_after_block: int = -1,
   return jax.tree_util.tree_map_with_path(frozen, params)
 
 
+def update_state(state: TrainState, grads: Any, batch_stats: Any,
+                 tx: optax.GradientTransformation, loss: jax.Array, *,
+                 skip_nonfinite: bool, frozen_leaves: list | None = None
+                 ) -> tuple[TrainState, jax.Array]:
+  """One optimiser update of a supervised-style step: (new state, finite).
+
+  Frozen leaves (if given) are copied through unchanged; with
+  `skip_nonfinite` a step whose loss or gradients are not finite keeps the
+  old state but still advances the step, so the stream and the schedule
+  move on (on_nan='skip_step').
+  """
+  finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  if frozen_leaves is not None:
+    # Copy frozen leaves through (p + 0 turns -0.0 into +0.0).
+    leaves = [old if f else new for old, new, f in zip(
+        jax.tree.leaves(state.params), jax.tree.leaves(params),
+        frozen_leaves)]
+    params = jax.tree.unflatten(jax.tree.structure(state.params), leaves)
+  new_state = state.replace(step=state.step + 1, params=params,
+                            batch_stats=batch_stats, opt_state=opt_state)
+  if skip_nonfinite:
+    kept = state.replace(step=state.step + 1)
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                             new_state, kept)
+  return new_state, finite
+
+
 def make_train_step(model: Any, tx: optax.GradientTransformation,
                     schedule: Callable, mesh: Any, frozen: Any,
                     loss_fn: LossFn, image_size: int,
@@ -159,22 +188,9 @@ def make_train_step(model: Any, tx: optax.GradientTransformation,
 
     grads, (metrics, batch_stats) = jax.grad(loss, has_aux=True)(
         state.params)
-    finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(
-        optax.tree.norm(grads))
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
-    # Copy frozen leaves through (p + 0 turns -0.0 into +0.0).
-    leaves = [old if f else new for old, new, f in zip(
-        jax.tree.leaves(state.params), jax.tree.leaves(new_params),
-        frozen_leaves)]
-    params = jax.tree.unflatten(jax.tree.structure(state.params), leaves)
-    new_state = state.replace(step=state.step + 1, params=params,
-                              batch_stats=batch_stats, opt_state=opt_state)
-    if skip_nonfinite:
-      # The step still advances, so the stream and the schedule move on.
-      kept = state.replace(step=state.step + 1)
-      new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                               new_state, kept)
+    new_state, finite = update_state(
+        state, grads, batch_stats, tx, metrics['loss'],
+        skip_nonfinite=skip_nonfinite, frozen_leaves=frozen_leaves)
     metrics = dict(metrics, learning_rate=schedule(state.step),
                    skipped=1.0 - finite.astype(jnp.float32))
     return new_state, metrics
