@@ -4,9 +4,9 @@ A domain-shifted twin of `digits` in the spirit of MNIST-M (Ganin & Lempitsky
 2015, Section 5: MNIST digits blended over patches of colour photos), built
 offline and deterministically so that domain adaptation can be measured on a
 machine with no data: each image i of a split gets its own texture, a sum of
-three coloured sinusoidal gratings over a random base colour (seeded by
-(split, i)), and the digit is blended in as |texture - digit| per channel, so
-strokes invert the texture's colour as in MNIST-M.
+two smooth coloured gratings over a random dark-to-mid base colour (seeded
+by (split, i)), and the digit is blended in as |texture - digit| per
+channel, so strokes invert the texture's colour as in MNIST-M.
 
 Same digits, same train/test split and labels as `digits`: image i of
 digits_m 'test' is image i of digits 'test' on a texture. The labels of the
@@ -23,25 +23,32 @@ import numpy as np
 from simclr_jax.data import digits
 
 _SPLIT_IDS = {'train': 0, 'test': 1}
-_GRATINGS = 3
+_GRATINGS = 2
+_AMPLITUDE = 0.2
+MAX_LEVEL = 0.6
 
 
 def textures(num: int, size: int, split_id: int) -> np.ndarray:
-  """float (num, size, size, 3) in [0, 1]: one seeded texture per image."""
+  """float (num, size, size, 3) in [0, MAX_LEVEL]: one seeded texture each.
+
+  A random base colour plus two smooth coloured gratings (0.5 to 2.5
+  cycles across the image), clipped below MAX_LEVEL so that a stroke
+  (1 - texture) stays lighter than its surround, as on most MNIST-M images.
+  """
   out = np.empty((num, size, size, 3), np.float64)
   yy, xx = np.meshgrid(np.arange(size) / size, np.arange(size) / size,
                        indexing='ij')
   for i in range(num):
     rng = np.random.default_rng([0xD161, split_id, i])
-    image = np.broadcast_to(rng.uniform(0.0, 1.0, 3), (size, size, 3)).copy()
+    image = np.broadcast_to(rng.uniform(0.0, MAX_LEVEL, 3),
+                            (size, size, 3)).copy()
     for _ in range(_GRATINGS):
-      cycles = rng.uniform(1.0, 6.0)
+      cycles = rng.uniform(0.5, 2.5)
       angle, phase = rng.uniform(0.0, np.pi), rng.uniform(0.0, 2 * np.pi)
       wave = np.sin(2 * np.pi * cycles * (np.cos(angle) * xx + np.sin(angle)
                                           * yy) + phase)
-      image += 0.5 * wave[..., None] * rng.uniform(-1.0, 1.0, 3)
-    lo, hi = image.min(), image.max()
-    out[i] = (image - lo) / max(hi - lo, 1e-6)
+      image += _AMPLITUDE * wave[..., None] * rng.uniform(-1.0, 1.0, 3)
+    out[i] = np.clip(image, 0.0, MAX_LEVEL)
   return out
 
 
