@@ -251,3 +251,31 @@ def test_adapt_survives_sigterm_and_resumes_to_the_reference(reference,
   assert results['target_top1_accuracy'] == pytest.approx(
       ref_results['target_top1_accuracy'])
   assert os.path.isfile(os.path.join(workdir, 'results.json'))
+
+
+def test_batch_stats_recalibration_reaches_the_data_statistics():
+  """AdaBN's core (training/state.recalibrate_batch_stats): after enough
+  passes the BN running mean/var are the NumPy mean/var of the BN input."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from simclr_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
+
+  class Net(nn.Module):
+
+    @nn.compact
+    def __call__(self, x, train):
+      h = nn.Dense(4, name='dense')(x)
+      return nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                          name='bn')(h)
+
+  net = Net()
+  x = np.random.default_rng(0).normal(3.0, 2.0, (256, 5)).astype(np.float32)
+  variables = net.init(jax.random.key(0), x[:8], train=False)
+  out = state_lib.recalibrate_batch_stats(net, variables, x, batch_size=64,
+                                          num_devices=8, passes=20)
+  h = x @ np.asarray(variables['params']['dense']['kernel']) + np.asarray(
+      variables['params']['dense']['bias'])
+  stats = out['batch_stats']['bn']
+  np.testing.assert_allclose(stats['mean'], h.mean(0), rtol=0.05, atol=0.05)
+  np.testing.assert_allclose(stats['var'], h.var(0), rtol=0.1)
+  assert out['params'] is variables['params']
+  assert adapt.parse_method('adabn') == (False, 'none')

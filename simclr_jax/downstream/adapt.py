@@ -10,6 +10,9 @@ batch holds adapt.batch_size images of each domain, both sharded over the
 mesh (training/adapt_step.py). Methods (config.adapt.method):
 
   source_only   the baseline: supervised on the source alone;
+  adabn         source_only, then BN statistics re-estimated on the target's
+                training images for predicting on the target (Li et al.
+                2016, AdaBN);
   dann          domain classifier behind gradient reversal (Ganin &
                 Lempitsky 2015);
   coral, mmd    second-order / multi-kernel statistic alignment (Sun &
@@ -29,7 +32,7 @@ adapt.compare_source_only, those of `source_only` at the same budget
 
 import copy
 import os
-from typing import Iterator
+from typing import Any, Iterator
 
 import jax
 import ml_collections
@@ -47,8 +50,10 @@ from simclr_jax.training import supervised
 from simclr_jax.training import workdir as workdir_lib
 
 ALIGNING = ('dann', 'coral', 'mmd')
-METHODS = (('source_only',) + ALIGNING + ('contrastive',)
+METHODS = (('source_only', 'adabn') + ALIGNING + ('contrastive',)
            + tuple(f'contrastive+{a}' for a in ALIGNING))
+# AdaBN: passes over the target's training images that re-estimate BN.
+_ADABN_PASSES = 3
 
 
 def parse_method(method: str) -> tuple[bool, str]:
@@ -59,7 +64,7 @@ def parse_method(method: str) -> tuple[bool, str]:
   parts = method.split('+')
   contrastive = parts[0] == 'contrastive'
   rest = parts[1:] if contrastive else parts
-  kind = rest[0] if rest and rest[0] != 'source_only' else 'none'
+  kind = rest[0] if rest and rest[0] in ALIGNING else 'none'
   return contrastive, kind
 
 
@@ -106,6 +111,18 @@ def domain_batches(source: tuple[np.ndarray, np.ndarray],
   for s, t in zip(src, tgt):
     yield {'source_images': s['images'], 'source_labels': s['labels'],
            'target_images': t['images']}
+
+
+def adabn_variables(model: Any, variables: dict,
+                    target: ml_collections.ConfigDict) -> dict:
+  """AdaBN (Li et al. 2016): the network with its BN statistics
+  re-estimated on the target's training images (labels unused), for
+  predicting on the target."""
+  images, _ = pipeline.load_eval_arrays(target, target.dataset.train_split)
+  return state_lib.recalibrate_batch_stats(
+      model, jax.device_get(variables), images,
+      batch_size=target.adapt.batch_size, num_devices=jax.device_count(),
+      passes=_ADABN_PASSES)
 
 
 def _contrastive_phase(config: ml_collections.ConfigDict, workdir: str,
@@ -196,9 +213,13 @@ def run_adapt(config: ml_collections.ConfigDict, workdir: str, *,
   if fit.interrupted:
     return results
   v = state_lib.variables_of(fit.state)
-  for domain, c in (('source', config), ('target', target_config(config))):
-    results[f'{domain}_top1_accuracy'] = common.accuracies(
-        *common.test_logits(c, model, v))['top1_accuracy']
+  target = target_config(config)
+  results['source_top1_accuracy'] = common.accuracies(
+      *common.test_logits(config, model, v))['top1_accuracy']
+  if a.method == 'adabn':
+    v = adabn_variables(model, v, target)
+  results['target_top1_accuracy'] = common.accuracies(
+      *common.test_logits(target, model, v))['top1_accuracy']
   if a.compare_source_only and a.method != 'source_only':
     base = copy.deepcopy(config)
     base.adapt.method, base.adapt.compare_source_only = 'source_only', False

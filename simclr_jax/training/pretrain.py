@@ -256,30 +256,14 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str,
 
 def recalibrate_batch_stats(setup: Setup, variables: dict,
                             images: np.ndarray, passes: int = 20) -> dict:
-  """Re-estimates BN running statistics by forwarding data in train mode.
+  """BN running statistics re-estimated on `images` (state_lib's rule).
 
   Used for the random-init baseline: its running averages are still the
   initial (0, 1), which would make a fair network look broken.
   """
-  model = setup.model
-  bs = min(setup.config.eval.batch_size, len(images))
-  n_dev = setup.mesh.devices.size
-  bs = max(n_dev, bs // n_dev * n_dev)
-
-  @jax.jit
-  def update(batch_stats, x):
-    _, new = model.apply({'params': variables['params'],
-                          'batch_stats': batch_stats}, x, train=True,
-                         mutable=['batch_stats'])
-    return new['batch_stats']
-
-  batch_stats = variables['batch_stats']
-  rng = np.random.default_rng(0)
-  for _ in range(passes):
-    idx = rng.permutation(len(images))
-    for i in range(0, len(images) - bs + 1, bs):
-      batch_stats = update(batch_stats, jnp.asarray(images[idx[i:i + bs]]))
-  return {'params': variables['params'], 'batch_stats': batch_stats}
+  return state_lib.recalibrate_batch_stats(
+      setup.model, variables, images, batch_size=setup.config.eval.batch_size,
+      num_devices=setup.mesh.devices.size, passes=passes)
 
 
 def probe_dataset(setup: Setup) -> tuple[ml_collections.ConfigDict, bool]:

@@ -11,6 +11,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from simclr_jax.runtime import parallel
@@ -47,3 +48,32 @@ def create_state(tx: optax.GradientTransformation, variables: dict,
                      opt_state=tx.init(params),
                      extra={} if extra is None else extra)
   return jax.device_put(state, parallel.replicated(mesh))
+
+
+def recalibrate_batch_stats(model: Any, variables: dict, images: Any, *,
+                            batch_size: int, num_devices: int,
+                            passes: int = 20) -> dict:
+  """Re-estimates BN running statistics by forwarding `images` in train mode.
+
+  `passes` shuffled passes (seed 0) of batches of `batch_size` (a multiple
+  of the devices); the parameters are untouched. With BN momentum 0.9 a
+  pass of 20+ batches already forgets the old statistics to a few percent.
+  Used for the random-init probe baseline and for AdaBN (adapt).
+  """
+  bs = min(batch_size, len(images))
+  bs = max(num_devices, bs // num_devices * num_devices)
+
+  @jax.jit
+  def update(batch_stats, x):
+    _, new = model.apply({'params': variables['params'],
+                          'batch_stats': batch_stats}, x, train=True,
+                         mutable=['batch_stats'])
+    return new['batch_stats']
+
+  batch_stats = variables['batch_stats']
+  rng = np.random.default_rng(0)
+  for _ in range(passes):
+    idx = rng.permutation(len(images))
+    for i in range(0, len(images) - bs + 1, bs):
+      batch_stats = update(batch_stats, jnp.asarray(images[idx[i:i + bs]]))
+  return {'params': variables['params'], 'batch_stats': batch_stats}
