@@ -145,14 +145,15 @@ def initial_state(setup: Setup) -> state_lib.TrainState:
 
 def _knn_hook(setup: Setup, workdir: str):
   """The loop's after_step hook for the kNN monitor, or None if it is off."""
+  if not knn_monitor.every_steps(setup.config.eval.eval_every_epochs,
+                                 setup.steps_per_epoch):
+    return None  # Off: read no evaluation dataset at start-up.
   ec, labelled = probe_dataset(setup)
-  monitor = knn_monitor.KnnMonitor(setup, workdir, ec)
-  if not monitor.every:
-    return None
   if not labelled:
     logging.warning('kNN monitor off: %s has no labels to score it with.',
                     ec.dataset.name)
     return None
+  monitor = knn_monitor.KnnMonitor(setup, workdir, ec)
 
   def after_step(step: int, state) -> dict | None:
     if not monitor.due(step, setup.total_steps):
