@@ -4,12 +4,41 @@ r"""The main job: SimCLR on the embedded scikit-learn digits, CPU-sized.
 
 A thin ResNet-18 (CIFAR stem) on 32x32 upsampled digits; finishes on 2 CPU cores
 within minutes, then probes frozen features against the same net at random init.
+
+  python -m simclr_jax.main --config=configs/digits.py:tiny --workdir=/tmp/tiny
+
+The `tiny` argument shrinks it to the run of the tests and smoke runs (see
+get_config).
 """
 
 from simclr_jax.config import defaults
 
 
-def get_config():
+# The arguments get_config accepts after `configs/digits.py:`.
+ARGUMENTS = ('tiny',)
+
+
+def get_config(arg: str | None = None):
+  """The digits recipe; `arg='tiny'` gives the recipe for tests and smoke runs.
+
+  tiny: a few steps of a tiny ResNet on 16 px digits. The same recipe with a
+  ResNet-18 at width 1/8, a 16-wide projection, 16 px images, batch 64, two
+  steps after a short warmup, a checkpoint and a log line every step and
+  cheap read-outs (no random-init probe, one draw of 1-shot). Seconds of
+  training on a CPU; its accuracies mean nothing.
+
+  Args:
+    arg: None for the main job, or one of ARGUMENTS.
+
+  Returns:
+    The config.
+
+  Raises:
+    ValueError: for any other argument.
+  """
+  if arg is not None and arg not in ARGUMENTS:
+    raise ValueError(f'unknown argument {arg!r} of configs/digits.py; it '
+                     f'takes none or one of: {", ".join(ARGUMENTS)}')
   c = defaults.base_config()
   c.dataset.name = 'digits'
   c.dataset.image_size = 32
@@ -54,4 +83,16 @@ def get_config():
   c.adapt.update(dict(target='digits_m', epochs=10.0, batch_size=64,
                       learning_rate=0.4, lr_scaling='linear',
                       contrastive_epochs=10))
+  if arg == 'tiny':
+    c.model.width_multiplier = 0.125
+    c.model.proj_out_dim = 16
+    c.dataset.image_size = 16
+    c.batch_size = 64
+    c.train_steps = 2
+    c.optim.warmup_epochs = 0.1
+    c.checkpoint_every_steps = 1
+    c.log_every_steps = 1
+    c.eval.probe_random_init = False
+    c.eval.fewshot_draws = 1
+    c.eval.fewshot_shots = (1,)
   return c

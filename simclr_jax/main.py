@@ -12,16 +12,15 @@ exit status 2.
 """
 
 import functools
-import json
-import math
-import os
-import sys
 import time
 
-from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from simclr_jax.config import cli as config_cli
+from simclr_jax.runtime import entry
+from simclr_jax.runtime import results as results_lib
 
 # results.json's wall time counts from here (imports before it are small).
 _START = time.monotonic()
@@ -51,54 +50,25 @@ flags.DEFINE_integer('initialization_timeout', 300,
                      'Seconds to wait for the coordinator and every process '
                      'to join a multi-process job before exiting with one '
                      'line on stderr.')
-
-
-def _fail(message: str, code: int = 2) -> None:
-  print(f'error: {message}', file=sys.stderr)
-  sys.exit(code)
-
-
-def _initialize_distributed() -> None:
-  """Joins a multi-process job (if the flags ask) before any device use."""
-  from simclr_jax.runtime import distributed  # pylint: disable=g-import-not-at-top
-  try:
-    distributed.initialize(
-        FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
-        auto=FLAGS.distributed, timeout_s=FLAGS.initialization_timeout)
-  except distributed.InitializationError as e:
-    _fail(str(e))
-
-
-def _json_safe(x):
-  if isinstance(x, dict):
-    return {str(k): _json_safe(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_json_safe(v) for v in x]
-  if hasattr(x, 'item'):
-    x = x.item()
-  if isinstance(x, float) and not math.isfinite(x):
-    return None
-  return x
-
-
-def write_results(workdir: str, results: dict, name: str = 'results.json'
-                  ) -> str:
-  import jax  # pylint: disable=g-import-not-at-top
-  from etils import epath  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, name)
-  if jax.process_index() == 0:
-    with epath.Path(path).open('w') as f:
-      json.dump(_json_safe(results), f, indent=2, sort_keys=True)
-  return path
-
-
-def _provenance(config, mode: str = 'pretrain') -> dict:
-  """results.json's provenance block; wall time counts from program start."""
-  from simclr_jax.runtime import provenance  # pylint: disable=g-import-not-at-top
-  section = config.get(mode)
-  batch = (section.get('batch_size') if section is not None and
-           hasattr(section, 'get') else None)
-  return provenance.collect(config, time.monotonic() - _START, batch)
+flags.DEFINE_integer('peer_timeout', 60,
+                     'Seconds a multi-process job runs on after one process '
+                     'dies (killed, out of memory, host lost) before every '
+                     'other process exits non-zero with one line on stderr; '
+                     're-running resumes from the last checkpoint.')
+flags.DEFINE_bool('preflight', False,
+                  'Print what the run will need on the target machine (per-'
+                  'device memory of each program, per-host memory, '
+                  'checkpoint size, steps) from the config alone, without '
+                  'data or training; refuse a plan that does not fit.')
+flags.DEFINE_integer('preflight_devices', 8, 'Target: devices in the job.')
+flags.DEFINE_float('preflight_device_memory_gb', 16.0,
+                   'Target: memory of one device, GiB.')
+flags.DEFINE_integer('preflight_hosts', 1, 'Target: hosts in the job.')
+flags.DEFINE_integer('preflight_num_train_examples', 0,
+                     'Train split size when its metadata cannot be read '
+                     'here (0 = from metadata or the known sizes).')
+flags.DEFINE_float('preflight_host_memory_gb', 0.0,
+                   'Target: memory of one host, GiB (0 = not checked).')
 
 
 def _stop_after_steps() -> int | None:
@@ -106,32 +76,45 @@ def _stop_after_steps() -> int | None:
   return FLAGS.stop_after_steps if FLAGS.is_parsed() else None
 
 
+def _report(config, mode: str, workdir: str, results: dict,
+            omit: tuple[str, ...]) -> dict:
+  """Adds provenance, writes results.json and logs it (less `omit`)."""
+  from simclr_jax.runtime import provenance  # pylint: disable=g-import-not-at-top
+  results['provenance'] = provenance.for_mode(
+      config, mode, time.monotonic() - _START)
+  path = results_lib.write_results(workdir, results)
+  logging.info('Results: %s', results_lib.summary(
+      results, omit=('provenance', *omit)))
+  logging.info('Wrote %s', path)
+  return results
+
+
+def _resolve(config, mode: str):
+  """The config with its splits (and, for pretraining, gradient caching)
+  settled once, before any mode starts (config/resolve.py)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from simclr_jax.config import resolve  # pylint: disable=g-import-not-at-top
+  with entry.exit_on_error():
+    return resolve.resolve(config, num_devices=jax.device_count(),
+                           process_count=jax.process_count(), mode=mode)
+
+
 def run_pretrain(config, workdir: str) -> dict:
   """Pretrains (or resumes), then evaluates; returns what results.json holds."""
   from simclr_jax.training import pretrain as train  # pylint: disable=g-import-not-at-top
-  try:
+  with entry.exit_on_error(diverged=(train.NonFiniteError,)):
     setup = train.build(config)
     train.prepare_workdir(workdir)
-  except ValueError as e:  # ConfigError, DatasetError: one line, no trace.
-    _fail(str(e))
-  try:
     out = train.pretrain(config, workdir, setup,
                          stop_after_steps=_stop_after_steps())
-  except train.NonFiniteError as e:
-    _fail(str(e), code=1)
-  except ValueError as e:
-    _fail(str(e))
   state = out.pop('state')
   results = dict(out)
   if not out['interrupted']:
     results.update(train.evaluate_encoder(setup, state))
-  results['provenance'] = _provenance(config)
-  path = write_results(workdir, results)
-  logging.info('Results: %s', json.dumps(_json_safe(
-      {k: v for k, v in results.items()
-       if k not in ('final_metrics', 'provenance')})))
-  logging.info('Wrote %s', path)
-  return results
+  # setup.config: the config as the run resolved it (its gradient caching,
+  # its splits), which is what the provenance block describes.
+  return _report(setup.config, 'pretrain', workdir, results,
+                 omit=('final_metrics',))
 
 
 def run_downstream(mode: str, config, workdir: str) -> dict:
@@ -148,56 +131,61 @@ def run_downstream(mode: str, config, workdir: str) -> dict:
     runner = downstream.RUNNERS[mode]
     if mode in downstream.TRAINING_RUNNERS:
       runner = functools.partial(runner, stop_after_steps=_stop_after_steps())
-  try:
+  # A missing or unfinished run to start from is a FileNotFoundError.
+  with entry.exit_on_error(usage=(ValueError, FileNotFoundError),
+                           diverged=(loop.NonFiniteError,)):
     workdir_lib.prepare_workdir(workdir)
     results = runner(config, workdir)
-  except loop.NonFiniteError as e:
-    _fail(str(e), code=1)
-  except (ValueError, FileNotFoundError) as e:
-    _fail(str(e))
-  results['provenance'] = _provenance(config, mode)
-  path = write_results(workdir, results)
-  logging.info('Results: %s', json.dumps(_json_safe(
-      {k: v for k, v in results.items() if k != 'provenance'})))
-  logging.info('Wrote %s', path)
-  return results
+  return _report(config, mode, workdir, results, omit=())
+
+
+def run_preflight(config) -> None:
+  """Prints the plan of `config` on the target the flags describe, or one
+  line naming the stage that does not fit and the field to change."""
+  from simclr_jax.tools import preflight  # pylint: disable=g-import-not-at-top
+  with entry.exit_on_error():
+    try:
+      plan = preflight.preflight(
+          config, devices=FLAGS.preflight_devices,
+          device_memory_gb=FLAGS.preflight_device_memory_gb,
+          hosts=FLAGS.preflight_hosts,
+          num_train_examples=FLAGS.preflight_num_train_examples or None,
+          host_memory_gb=FLAGS.preflight_host_memory_gb or None)
+    except preflight.PlanError as e:
+      if e.plan:
+        print(preflight.format_table(e.plan))
+      raise
+  print(preflight.format_table(plan))
 
 
 def main(argv):
-  from simclr_jax.runtime import logs  # pylint: disable=g-import-not-at-top
-  logs.configure(FLAGS.verbosity >= 1 or logs.env_verbose())
+  entry.reconfigure_logs(FLAGS.verbosity)
   if len(argv) > 1:
-    _fail(f'unexpected arguments: {" ".join(argv[1:])}')
+    entry.fail(f'unexpected arguments: {" ".join(argv[1:])}')
   if FLAGS.config is None:
-    _fail('--config is required, e.g. --config=configs/digits.py')
+    entry.fail('--config is required, e.g. --config=configs/digits.py')
+  if FLAGS.preflight:  # Before the CPU refusal: it plans for the target.
+    run_preflight(FLAGS.config)
+    return
   if not FLAGS.workdir:
-    _fail('--workdir is required')
-  _initialize_distributed()
-  from simclr_jax.runtime import accelerator  # pylint: disable=g-import-not-at-top
-  try:
-    accelerator.check(FLAGS.config, FLAGS.allow_cpu)
-  except accelerator.AcceleratorError as e:
-    _fail(str(e))
-  if FLAGS.mode != 'export':  # Export reads no data.
-    from simclr_jax.data import datasets  # pylint: disable=g-import-not-at-top
-    try:
-      datasets.resolve_splits(FLAGS.config)
-    except ValueError as e:
-      _fail(str(e))
+    entry.fail('--workdir is required')
+  entry.join_job(FLAGS.coordinator_address, FLAGS.num_processes,
+                 FLAGS.process_id, auto=FLAGS.distributed,
+                 timeout_s=FLAGS.initialization_timeout,
+                 peer_timeout_s=FLAGS.peer_timeout)
+  entry.check_accelerator(FLAGS.config, FLAGS.allow_cpu)
+  config = _resolve(FLAGS.config, FLAGS.mode)
   if FLAGS.mode == 'pretrain':
-    run_pretrain(FLAGS.config, FLAGS.workdir)
+    run_pretrain(config, FLAGS.workdir)
   else:
-    run_downstream(FLAGS.mode, FLAGS.config, FLAGS.workdir)
+    run_downstream(FLAGS.mode, config, FLAGS.workdir)
 
 
 def run():
-  # Before anything imports TensorFlow or starts a JAX backend (the
-  # validation module imports JAX): quiet unless --verbosity>=1 or
-  # SIMCLR_JAX_VERBOSE=1; main() re-applies it from the parsed flag.
-  from simclr_jax.runtime import logs  # pylint: disable=g-import-not-at-top
-  logs.configure(logs.verbose_from_argv(sys.argv))
-  from simclr_jax.config import validation as config_validation  # pylint: disable=g-import-not-at-top
-  app.run(main, flags_parser=config_validation.parse_flags)
+  # Quiet unless --verbosity>=1 or SIMCLR_JAX_VERBOSE=1, set before anything
+  # imports TensorFlow or starts a JAX backend; main() re-applies it from
+  # the parsed flag.
+  entry.run_absl(main, config_cli.parse_flags)
 
 
 if __name__ == '__main__':

@@ -1,12 +1,16 @@
 """Test setup: 8 virtual CPU devices unless the caller already chose.
 
-A persistent compilation cache shared by this session's tests and the
+A persistent compilation cache shared by this run's tests and the
 training subprocesses they start (one per pytest-xdist worker): resume, fault and CLI tests compile the
 same train step several times, and on a 2-core CI machine compilation is
 most of their cost. The cache lives in a fresh temporary directory, so no
-test can pass on a program compiled by an earlier session.
+test can pass on a program compiled by an earlier run.
+
+Also the tiny run most training tests start from (configs/digits.py:tiny),
+which test modules import from here.
 """
 
+import ast
 import os
 import tempfile
 
@@ -26,3 +30,29 @@ if os.environ.get('PYTEST_XDIST_WORKER'):
   os.environ['JAX_COMPILATION_CACHE_DIR'] = _cache
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# --config value of the tiny run: a few steps of a ResNet-18 at width 1/8 on
+# 16 px digits with cheap read-outs (get_config of configs/digits.py).
+TINY_RECIPE = os.path.join(ROOT, 'configs', 'digits.py') + ':tiny'
+
+
+def tiny_config(*flags: str):
+  """configs/digits.py:tiny with `--config.FIELD=VALUE` flags applied.
+
+  For in-process runs that must match a command line's config: a value is
+  taken as written for a string field and as a Python literal otherwise.
+  """
+  from simclr_jax.config import defaults  # pylint: disable=g-import-not-at-top
+  path, _, arg = TINY_RECIPE.rpartition(':')
+  c = defaults.load_recipe(path, arg)
+  for flag in flags:
+    field, value = flag[len('--config.'):].split('=', 1)
+    *parents, leaf = field.split('.')
+    section = c
+    for p in parents:
+      section = section[p]
+    old = section[leaf]
+    section[leaf] = value if isinstance(old, str) else type(old)(
+        ast.literal_eval(value))
+  return c

@@ -21,6 +21,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from simclr_jax.runtime import checkpointing
+from conftest import TINY_RECIPE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ,
@@ -234,24 +235,19 @@ def test_fallback_leaves_one_line_per_step_on_stderr(tmp_path):
              if l[:1] in 'EWF' and l[1:5].isdigit()), err[-3000:]
 
 
+# The tiny run for 3 steps, 5 checkpoints kept, with the recipe's own
+# few-shot read-out (these runs stop before any evaluation).
 BASE = (
-    '--config.model.width_multiplier=0.125',
-    '--config.model.proj_out_dim=16',
-    '--config.dataset.image_size=16',
-    '--config.batch_size=64',
     '--config.train_steps=3',
-    '--config.optim.warmup_epochs=0.1',
-    '--config.checkpoint_every_steps=1',
     '--config.keep_checkpoints=5',
-    '--config.log_every_steps=1',
-    '--config.eval.probe_random_init=False',
+    '--config.eval.fewshot_draws=10',
+    '--config.eval.fewshot_shots=(1, 5, 10)',
 )
 
 
 def _train(workdir, *flags):
   return subprocess.run(
-      [sys.executable, '-m', 'simclr_jax.main',
-       '--config=' + os.path.join(ROOT, 'configs', 'digits.py'),
+      [sys.executable, '-m', 'simclr_jax.main', f'--config={TINY_RECIPE}',
        f'--workdir={workdir}', *BASE, *flags],
       capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=600)
 

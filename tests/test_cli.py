@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from conftest import tiny_config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -16,20 +18,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROJECT_LINE = re.compile(r'^\d\d:\d\d:\d\d ')
 # absl's own prefix (`I1129 10:32:01.123 ...`), which library lines keep.
 ABSL_LINE = re.compile(r'^[DIWEF]\d{4} ')
-# A thin net on 16 px digits, two steps, cheap evaluation.
-TINY = (
-    '--config.model.width_multiplier=0.125',
-    '--config.model.proj_out_dim=16',
-    '--config.dataset.image_size=16',
-    '--config.batch_size=64',
-    '--config.train_steps=2',
-    '--config.optim.warmup_epochs=0.1',
-    '--config.checkpoint_every_steps=1',
-    '--config.log_every_steps=1',
-    '--config.eval.probe_random_init=False',
-    '--config.eval.fewshot_draws=1',
-    '--config.eval.fewshot_shots=(1,)',
-)
 
 
 def _main(*args, devices=8, config='digits.py', env=None):
@@ -110,6 +98,17 @@ def test_broken_recipe_is_one_line(tmp_path, source, expected):
   assert str(recipe) in line and expected in line, line
 
 
+def test_unknown_recipe_argument_is_one_line_naming_the_known_ones(tmp_path):
+  r = _main(f'--workdir={tmp_path}', config='digits.py:tyni')
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert 'Traceback' not in r.stderr
+  line = r.stderr.strip()
+  assert _lines(r) == [line], r.stderr[-2000:]
+  assert line.startswith('error: --config=') and "get_config('tyni')" in line
+  assert "ValueError: unknown argument 'tyni'" in line, line
+  assert line.endswith('takes none or one of: tiny'), line
+
+
 def test_verbosity_brings_library_logs_back(tmp_path):
   """A config error after JAX and Orbax have started: the error alone by
   default (checked above), their log lines too with --verbosity=1 or
@@ -126,7 +125,8 @@ def test_verbosity_brings_library_logs_back(tmp_path):
 
 
 def test_default_run_prints_only_the_projects_lines(tmp_path):
-  r = _main(f'--workdir={tmp_path}', *TINY)
+  # A thin net on 16 px digits, two steps, cheap evaluation.
+  r = _main(f'--workdir={tmp_path}', config='digits.py:tiny')
   assert r.returncode == 0, r.stderr[-3000:]
   lines = _lines(r)
   foreign = [line for line in lines if not PROJECT_LINE.match(line)]
@@ -148,8 +148,7 @@ def test_default_run_prints_only_the_projects_lines(tmp_path):
     assert prov['code']['version'] in (head, head + '-dirty')
   assert prov['platform'] == 'cpu' and prov['device_count'] == 8
   assert prov['process_count'] == 1 and prov['compute_dtype'] == 'float32'
-  batch = int(next(a for a in TINY if a.startswith('--config.batch_size='))
-              .split('=')[1])
+  batch = tiny_config().batch_size
   assert prov['global_batch'] == batch
   assert prov['per_device_batch'] == batch // 8
   assert prov['libraries']['jax'] == importlib.metadata.version('jax')

@@ -58,3 +58,25 @@ def test_simclrv2_recipe_is_sk_with_three_layer_head():
   encoder = shapes['params']['encoder']
   assert 'conv_stem1' in encoder and 'sk_conv' in encoder['stage1_block0']
   assert 'dense3' in shapes['params']['projection_head']
+
+
+def test_digits_tiny_recipe_is_the_digits_recipe_shrunk():
+  path = os.path.join(ROOT, 'configs', 'digits.py')
+  full, tiny = defaults.load_recipe(path), defaults.load_recipe(path, 'tiny')
+  config_validation.validate(tiny, num_devices=8)
+  base, changed = full.to_dict(), set()
+  for k, v in tiny.to_dict().items():
+    if isinstance(v, dict):
+      changed |= {f'{k}.{f}' for f, x in v.items() if base[k][f] != x}
+    elif base[k] != v:
+      changed.add(k)
+  assert changed == {
+      'model.width_multiplier', 'model.proj_out_dim', 'dataset.image_size',
+      'batch_size', 'train_steps', 'optim.warmup_epochs',
+      'checkpoint_every_steps', 'log_every_steps', 'eval.probe_random_init',
+      'eval.fewshot_draws', 'eval.fewshot_shots'}
+  assert (tiny.model.width_multiplier, tiny.dataset.image_size,
+          tiny.batch_size, tiny.train_steps) == (0.125, 16, 64, 2)
+  with pytest.raises(ValueError, match=r"^unknown argument 'huge' of "
+                     r'configs/digits.py; it takes none or one of: tiny$'):
+    defaults.load_recipe(path, 'huge')

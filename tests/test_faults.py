@@ -25,25 +25,14 @@ import numpy as np
 import pytest
 
 from simclr_jax.runtime import checkpointing
+from conftest import TINY_RECIPE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL = 6
-# A thin network on 16 px digits; a checkpoint per step, all kept, so any
-# intermediate state of the reference can be compared; cheap evaluation.
-BASE = (
-    '--config.model.width_multiplier=0.125',
-    '--config.model.proj_out_dim=16',
-    '--config.dataset.image_size=16',
-    '--config.batch_size=64',
-    f'--config.train_steps={TOTAL}',
-    '--config.optim.warmup_epochs=0.1',
-    '--config.checkpoint_every_steps=1',
-    '--config.keep_checkpoints=20',
-    '--config.log_every_steps=1',
-    '--config.eval.probe_random_init=False',
-    '--config.eval.fewshot_draws=1',
-    '--config.eval.fewshot_shots=(1,)',
-)
+# The tiny run (a thin network on 16 px digits, a checkpoint per step, cheap
+# evaluation) for TOTAL steps, all checkpoints kept, so any intermediate
+# state of the reference can be compared.
+BASE = (f'--config.train_steps={TOTAL}', '--config.keep_checkpoints=20')
 ENV = dict(os.environ,
            XLA_FLAGS='--xla_force_host_platform_device_count=8',
            JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
@@ -55,13 +44,12 @@ STEP_LINE = re.compile(r'step (\d+)/\d+ ')
 class Run:
   """A `simclr_jax.main` subprocess whose log is read line by line."""
 
-  def __init__(self, workdir, *overrides, config='digits.py'):
+  def __init__(self, workdir, *overrides, config=TINY_RECIPE):
     self.workdir = str(workdir)
     self.lines = []
     self._new_line = threading.Condition()
     self.proc = subprocess.Popen(
-        [sys.executable, '-m', 'simclr_jax.main',
-         '--config=' + os.path.join(ROOT, 'configs', config),
+        [sys.executable, '-m', 'simclr_jax.main', f'--config={config}',
          f'--workdir={self.workdir}', *BASE, *overrides],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         cwd=ROOT, env=ENV)

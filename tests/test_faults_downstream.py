@@ -8,7 +8,6 @@ one uninterrupted run. CPU runs with the same flags are deterministic, so
 "resumes correctly" means "ends with the reference's parameters".
 """
 
-import importlib.util
 import json
 import os
 import re
@@ -17,8 +16,8 @@ import signal
 import pytest
 
 from simclr_jax.runtime import checkpointing
+from conftest import tiny_config
 from test_faults import BASE
-from test_faults import ROOT
 from test_faults import Run
 from test_faults import _assert_trees_close
 from test_faults import _complete_steps
@@ -35,29 +34,12 @@ FINETUNE = ('--mode=finetune', '--config.finetune.label_fraction=0.1',
             '--config.finetune.learning_rate=0.1')
 
 
-def _digits_config():
-  """configs/digits.py with the overrides of test_faults.BASE applied."""
-  spec = importlib.util.spec_from_file_location(
-      'digits_recipe', os.path.join(ROOT, 'configs', 'digits.py'))
-  recipe = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(recipe)
-  c = recipe.get_config()
-  for flag in BASE:
-    field, value = flag[len('--config.'):].split('=', 1)
-    *parents, leaf = field.split('.')
-    section = c
-    for p in parents:
-      section = section[p]
-    section[leaf] = type(section[leaf])(eval(value))  # pylint: disable=eval-used
-  return c
-
-
 @pytest.fixture(scope='module', name='source')
 def _source(tmp_path_factory):
   """A pretraining workdir at its initial state, written as pretrain does."""
   from simclr_jax.training import pretrain  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path_factory.mktemp('source'))
-  c = _digits_config()
+  c = tiny_config(*BASE)  # The config of test_faults.Run.
   setup = pretrain.build(c)
   state = pretrain.initial_state(setup)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'))

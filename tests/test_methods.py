@@ -364,7 +364,7 @@ def test_swav_prototype_gradient_is_that_of_plain_weights():
 def _swav_queue_setup(queue_length, start_epoch=0):
   c = _config('swav')
   c.swav.queue_length = queue_length
-  c.swav.queue_start_epoch = start_epoch
+  c.swav.queue_start_epochs = start_epoch
   return c, train.build(c)
 
 
@@ -470,7 +470,7 @@ def test_method_state_survives_stop_and_resume(tmp_path, name, key):
   # Full after 2 steps and in use from then on: the resumed run (from step
   # 2) must continue with exactly the checkpointed queue.
   c.swav.queue_length = 2 * 64
-  c.swav.queue_start_epoch = 0
+  c.swav.queue_start_epochs = 0
   full = train.pretrain(c, str(tmp_path / 'full'))
   part_dir = str(tmp_path / 'part')
   first = train.pretrain(c, part_dir, stop_after_steps=2)

@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from simclr_jax.tools import study
+from conftest import TINY_RECIPE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = os.path.join(ROOT, 'configs', 'digits.py')
@@ -223,15 +224,12 @@ def test_a_real_two_point_study_runs_through_the_main_command(tmp_path):
   max_batch_per_device, so it uses gradient caching and says so."""
   w = str(tmp_path / 'study')
   r = subprocess.run(
-      [sys.executable, '-m', 'simclr_jax.study', f'--config={DIGITS}',
+      [sys.executable, '-m', 'simclr_jax.study', f'--config={TINY_RECIPE}',
        f'--workdir={w}', '--sweep=batch_size=32,64',
        '--max_batch_per_device=4',
-       '--config.model.width_multiplier=0.125',
-       '--config.model.proj_out_dim=16', '--config.dataset.image_size=16',
-       '--config.train_steps=2', '--config.optim.warmup_epochs=0.1',
-       '--config.eval.probe_random_init=False',
-       '--config.eval.probe_pixels=False', '--config.eval.fewshot_draws=1',
-       '--config.eval.fewshot_shots=(1,)', '--config.eval.eval_every_epochs=0'],
+       # The tiny run at the recipe's log and checkpoint intervals.
+       '--config.log_every_steps=20', '--config.checkpoint_every_steps=100',
+       '--config.eval.probe_pixels=False', '--config.eval.eval_every_epochs=0'],
       capture_output=True, text=True, cwd=ROOT, timeout=600,
       env=dict(os.environ,
                XLA_FLAGS='--xla_force_host_platform_device_count=8'))

@@ -25,9 +25,9 @@ from simclr_jax.runtime import checkpointing
 from simclr_jax.config import defaults
 from simclr_jax.evaluation import embedding
 from simclr_jax.evaluation import knn_monitor
-from simclr_jax import main
 from simclr_jax.runtime import metric_writer
 from simclr_jax.runtime import paths
+from simclr_jax.runtime import results as results_lib
 from simclr_jax.training import workdir as workdir_lib
 from simclr_jax.training import loop
 from simclr_jax.training import pretrain as train
@@ -166,8 +166,8 @@ def test_metric_writer_rewrites_instead_of_appending(gcs, monkeypatch):
 def test_results_nan_diagnostic_and_knn_history(gcs):
   workdir = 'gs://bucket/run'
   train.prepare_workdir(workdir)
-  path = main.write_results(workdir, {'top1': np.float32(0.5),
-                                      'bad': float('nan')})
+  path = results_lib.write_results(workdir, {'top1': np.float32(0.5),
+                                             'bad': float('nan')})
   assert path == 'gs://bucket/run/results.json'
   with open(os.path.join(gcs.root, 'bucket/run/results.json')) as f:
     assert json.load(f) == {'top1': 0.5, 'bad': None}

@@ -28,5 +28,5 @@ def get_config(dataset: str = 'digits'):
   c.swav.freeze_prototypes_steps = 5 if dataset == 'digits' else 97
   if dataset == 'digits':
     c.swav.queue_length = 4 * c.batch_size  # 1024 of 1437 images.
-    c.swav.queue_start_epoch = 5
+    c.swav.queue_start_epochs = 5
   return c

@@ -4,6 +4,11 @@ Each recipe starts from `base_config()` and overrides what differs, so a field
 exists in every config and command-line overrides (`--config.x=...`) always
 find it. Values follow the SimCLR papers and released code where they set one
 (docs/algorithms.md).
+
+Every duration is a `{prefix}_steps` / `{prefix}_epochs` pair read by
+config/durations.py: a `_steps` value > 0 wins (as `train_steps` over
+`num_epochs`), so the epochs of a pair whose steps default to > 0 take effect
+with the steps set to 0.
 """
 
 import ml_collections
@@ -29,7 +34,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.data_dir = ml_collections.FieldReference(None, field_type=str)
   c.dataset.train_split = 'train'
   # A dataset without this split is evaluated on 'test' or 'validation', or
-  # on a held-out 10% of its only split (datasets.resolve_splits logs which).
+  # on a held-out 10% of its only split (config/resolve.py settles it and
+  # logs which).
   c.dataset.eval_split = 'test'
   # TFDS feature names; '' = found in the builder's info ('image'/'label',
   # or the only Image/ClassLabel feature; no ClassLabel = unlabelled).
@@ -99,10 +105,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.byol = ml_collections.ConfigDict(
       dict(momentum=0.996, predictor_hidden_dim=4096))
   # queue_length: past features per view added to the Sinkhorn (0 = none;
-  # a multiple of batch_size), used from epoch queue_start_epoch on.
+  # a multiple of batch_size), used from queue_start on. The prototypes stay
+  # frozen for the first freeze_prototypes steps (0 = never frozen).
   c.swav = ml_collections.ConfigDict(
       dict(num_prototypes=3000, epsilon=0.05, sinkhorn_iterations=3,
-           freeze_prototypes_steps=313, queue_length=0, queue_start_epoch=15))
+           freeze_prototypes_steps=313, freeze_prototypes_epochs=0.0,
+           queue_length=0, queue_start_epochs=15.0, queue_start_steps=0))
   c.instdisc = ml_collections.ConfigDict(
       dict(num_negatives=4096, bank_momentum=0.5))
   c.hcl = ml_collections.ConfigDict(dict(beta=1.0, tau_plus=0.1))
@@ -131,6 +139,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.weight_decay = 1e-6
   c.optim.trust_coefficient = 0.001
   c.optim.warmup_epochs = 10.0
+  c.optim.warmup_steps = 0  # > 0 overrides warmup_epochs.
 
   c.batch_size = 512  # Global batch (images; each gives two views).
   # Gradient caching (simclr_jax/training/grad_cache.py): > 0 computes each step's
@@ -145,8 +154,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_epochs = 100
   c.train_steps = 0  # > 0 overrides num_epochs.
 
+  # Intervals of the training loop (pretraining and the downstream modes),
+  # in steps or, with the steps 0, epochs of the mode's own training data.
   c.log_every_steps = 50
+  c.log_every_epochs = 0.0
   c.checkpoint_every_steps = 500
+  c.checkpoint_every_epochs = 0.0
   c.keep_checkpoints = 2
   c.on_nan = 'stop'  # or 'skip_step' (keep the state, count the step).
 
@@ -160,7 +173,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.batch_size = 512
   c.eval.knn_k = 200
   c.eval.knn_temperature = 0.1
-  c.eval.eval_every_epochs = 0.0  # kNN monitor during pretraining; 0 = only at the end.
+  # kNN monitor during pretraining; both 0 = only at the end.
+  c.eval.eval_every_epochs = 0.0
+  c.eval.eval_every_steps = 0
   c.eval.monitor_max_examples = 0  # Cap per split for the monitor; 0 = all.
   c.eval.fewshot_shots = (1, 5, 10)
   c.eval.fewshot_draws = 10
@@ -227,11 +242,45 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def load_recipe(path: str) -> ml_collections.ConfigDict:
+# Fields a run resumed in a workdir must share with the run that wrote its
+# checkpoint (training/workdir.check_and_record): they fix the shapes of the
+# checkpointed state or what it means. 'pretrain': the network, optimiser,
+# data and method of the sections above; each method adds its own section's
+# (Method.resume_shape_fields). 'downstream' (linear_eval, finetune, distill,
+# adapt): the source run, the network, and the 'downstream' section their
+# recorded config.json carries (config/downstream.recorded_config).
+RESUME_FIELDS = {
+    'pretrain': ('model.depth', 'model.width_multiplier', 'model.sk_ratio',
+                 'model.stem', 'model.num_proj_layers', 'model.proj_out_dim',
+                 'model.linear_eval_while_pretraining', 'optim.name',
+                 'dataset.name', 'method'),
+    'downstream': ('init_from', 'dataset.name', 'model.depth',
+                   'model.width_multiplier', 'model.sk_ratio', 'model.stem',
+                   'model.ft_proj_selector', 'downstream.label_fraction',
+                   'downstream.label_seed', 'downstream.from_scratch',
+                   'downstream.fine_tune_after_block', 'downstream.teacher',
+                   'downstream.method', 'downstream.target'),
+}
+
+
+def resume_fields(config: ml_collections.ConfigDict,
+                  mode: str) -> tuple[str, ...]:
+  """The dotted fields a resume of `mode` ('pretrain' or a downstream
+  training mode) checks against the workdir's recorded config."""
+  if mode == 'pretrain':
+    # Here, not at the top: recipes import this module without JAX.
+    from simclr_jax import methods  # pylint: disable=g-import-not-at-top
+    return RESUME_FIELDS['pretrain'] + methods.resume_shape_fields(config)
+  return RESUME_FIELDS['downstream']
+
+
+def load_recipe(path: str,
+                arg: str | None = None) -> ml_collections.ConfigDict:
   """Runs `get_config()` of a recipe file, so variants can extend a recipe.
 
   Recipes are plain files loaded by path (not a package), so a variant such
-  as configs/imagenet_resnet50_b8192.py reads its base this way.
+  as configs/imagenet_resnet50_b8192.py reads its base this way. `arg` is
+  what `--config=PATH:ARG` passes: `get_config(arg)` unless it is None.
   """
   import importlib.util  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
@@ -239,7 +288,7 @@ def load_recipe(path: str) -> ml_collections.ConfigDict:
   spec = importlib.util.spec_from_file_location(f'simclr_recipe_{name}', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module.get_config() if arg is None else module.get_config(arg)
 
 
 # Per-dataset SimCLR recipes the method recipes (configs/methods/) start from.

@@ -5,11 +5,10 @@ allowed, so a bad launch on a pod fails in seconds with a readable message
 instead of a traceback from deep inside XLA or tf.data.
 """
 
-import sys
-
 import ml_collections
 
 from simclr_jax import methods
+from simclr_jax.config import durations
 from simclr_jax.models import resnet
 from simclr_jax.runtime import config_checks as checks
 from simclr_jax.runtime.config_checks import ConfigError  # Re-exported.
@@ -54,8 +53,6 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
   checks.positive('optim.base_learning_rate', config.optim.base_learning_rate)
   checks.positive('optim.weight_decay', config.optim.weight_decay,
                   allow_zero=True)
-  checks.positive('optim.warmup_epochs', config.optim.warmup_epochs,
-                  allow_zero=True)
   checks.positive('augment.color_strength', config.augment.color_strength,
                   allow_zero=True)
   checks.unit_interval('optim.momentum', config.optim.momentum)
@@ -64,8 +61,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
     if not 0.0 < area <= 1.0:  # Also rejects NaN.
       raise ConfigError(f'config.augment.{field}={area!r} is invalid: must '
                         'be in (0, 1]')
-  checks.integer('log_every_steps', config.log_every_steps, 1)
-  checks.integer('checkpoint_every_steps', config.checkpoint_every_steps, 1)
+  durations.validate(config)  # Intervals and warmup, in steps or epochs.
   checks.integer('keep_checkpoints', config.keep_checkpoints, 1)
   checks.integer('max_batch_per_device', config.get('max_batch_per_device', 0),
                  0)
@@ -78,8 +74,9 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
   # With train_steps set (smoke tests, benchmarks) the epoch count is not
   # known before the dataset is read, and a short run that never leaves
   # warmup is legitimate there; for an epoch-defined run it is a mistake.
-  if (config.train_steps <= 0 and
-      config.optim.warmup_epochs > config.num_epochs):
+  # Warmup in steps cannot be compared before the dataset is read either.
+  if (config.train_steps <= 0 and config.optim.get('warmup_steps', 0) <= 0
+      and config.optim.warmup_epochs > config.num_epochs):
     raise ConfigError(
         f'config.optim.warmup_epochs={config.optim.warmup_epochs} is longer '
         f'than training (config.num_epochs={config.num_epochs}): must be <= '
@@ -153,134 +150,3 @@ def _validate_method(config: ml_collections.ConfigDict) -> None:
         f'config.grad_cache_chunks={chunks} is not supported for '
         f'method={config.method!r}: its loss needs more than the projections; '
         f'use 0, or one of {supported}')
-
-
-def _recipe_files() -> list[str]:
-  """The recipes shipped in configs/ and configs/methods/, as paths to type
-  (relative to the current directory where they lie under it)."""
-  import os  # pylint: disable=g-import-not-at-top
-  root = os.path.dirname(os.path.dirname(os.path.dirname(
-      os.path.abspath(__file__))))
-  found = []
-  for sub in ('configs', os.path.join('configs', 'methods')):
-    folder = os.path.join(root, sub)
-    if os.path.isdir(folder):
-      found += [os.path.join(folder, f) for f in sorted(os.listdir(folder))
-                if f.endswith('.py') and not f.startswith('_')]
-  shown = []
-  for path in found:
-    rel = os.path.relpath(path)
-    shown.append(path if rel.startswith('..') else rel)
-  return shown
-
-
-def _config_flag_value(argv: list[str]) -> str | None:
-  """The value of --config=PATH[:ARG] (or `--config PATH`) in argv."""
-  args = list(argv[1:])
-  for i, arg in enumerate(args):
-    if arg == '--':
-      break
-    if arg in ('--config', '-config'):
-      return args[i + 1] if i + 1 < len(args) else None
-    for prefix in ('--config=', '-config='):
-      if arg.startswith(prefix):
-        return arg[len(prefix):]
-  return None
-
-
-def _one_line(e: BaseException) -> str:
-  text = ' '.join(str(e).split())
-  return f'{type(e).__name__}: {text}' if text else type(e).__name__
-
-
-def _where(e: BaseException, path: str) -> str:
-  """' (line N)' of the deepest frame of e's traceback inside path."""
-  import os  # pylint: disable=g-import-not-at-top
-  import traceback  # pylint: disable=g-import-not-at-top
-  target = os.path.abspath(path)
-  lines = [f.lineno for f in traceback.extract_tb(e.__traceback__)
-           if f.filename and os.path.abspath(f.filename) == target]
-  if isinstance(e, SyntaxError) and e.filename and (
-      os.path.abspath(e.filename) == target):
-    return ''  # Its message already names the line.
-  return f' (line {lines[-1]})' if lines else ''
-
-
-def check_recipe(value: str) -> str | None:
-  """Why --config=value cannot give a config (one line), or None if it can.
-
-  Loads the recipe the way ml_collections will (which would otherwise defer a
-  missing file to a traceback at first use, and print a traceback for a
-  recipe that raises), and calls its get_config. Recipes are cheap, pure
-  functions, so running one twice costs milliseconds.
-  """
-  import difflib  # pylint: disable=g-import-not-at-top
-  import importlib.machinery  # pylint: disable=g-import-not-at-top
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-  path, has_arg, arg = value.partition(':')
-  if not os.path.isfile(path):
-    recipes = _recipe_files()
-    close = difflib.get_close_matches(path, recipes, n=1, cutoff=0.8)
-    hint = f'did you mean {close[0]}? ' if close else ''
-    listing = ', '.join(recipes) if recipes else '(none found)'
-    what = ('names no file' if not path else f'recipe file {path} is a '
-            'directory' if os.path.isdir(path) else
-            f'recipe file {path} does not exist')
-    return (f'--config={value}: {what}; {hint}'
-            f'recipes: {listing}')
-  try:
-    loader = importlib.machinery.SourceFileLoader('_simclr_jax_recipe', path)
-    spec = importlib.util.spec_from_loader(loader.name, loader)
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-  except Exception as e:  # pylint: disable=broad-except
-    return (f'--config={value}: recipe {path} failed to load{_where(e, path)}'
-            f': {_one_line(e)}')
-  get_config = getattr(module, 'get_config', None)
-  if not callable(get_config):
-    return (f'--config={value}: recipe {path} defines no get_config() '
-            'function')
-  call = f'get_config({arg!r})' if has_arg else 'get_config()'
-  try:
-    config = get_config(*([arg] if has_arg else []))
-  except Exception as e:  # pylint: disable=broad-except
-    return (f'--config={value}: {call} of {path} failed{_where(e, path)}: '
-            f'{_one_line(e)}')
-  if config is None:
-    return f'--config={value}: {call} of {path} returned None'
-  return None
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl flags parser for main (and the benchmark): config errors are one line.
-
-  A --config recipe that is missing, fails to import, lacks get_config or
-  raises in it is reported by check_recipe before ml_collections loads it
-  (ml_collections defers a missing file to a traceback at first use).
-  ml_collections rejects an override of a field the config does not have
-  (good: a typo must not be silently ignored) but raises it as a traceback
-  out of flag parsing; this prints `error: ...` and exits 2 like every other
-  config error. Other flag errors keep absl's own one-line message.
-  """
-  from absl import app  # pylint: disable=g-import-not-at-top
-  value = _config_flag_value(argv)
-  problem = check_recipe(value) if value is not None else None
-  if problem:
-    print(f'error: {problem}', file=sys.stderr)
-    sys.exit(2)
-  try:
-    return app.parse_flags_with_usage(argv)
-  except (AttributeError, KeyError) as e:
-    detail = e
-    while isinstance(detail, BaseException) and detail.args:
-      detail = detail.args[0]  # ml_collections nests KeyError in the error.
-    lines = str(detail).splitlines() or ['?']
-    name = lines[0].strip('\'"')
-    flag = next((a.split('=')[0] for a in argv[1:]
-                 if a.startswith('--config.') and
-                 name in a.split('=')[0].split('.')), None)
-    hint = ' '.join(' '.join(lines[1:]).split())
-    print(f'error: {flag or name}: the config has no field {name!r}'
-          + (f'; {hint}' if hint else ''), file=sys.stderr)
-    sys.exit(2)

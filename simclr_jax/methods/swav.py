@@ -7,16 +7,17 @@ every optimiser step, outside the gradient (`project_params`), and start
 unit-norm. The codes of each view come from Sinkhorn-Knopp on the detached
 scores of the GLOBAL batch (under jit the batch sums are global), and each
 view predicts the other's codes. The prototypes stay frozen for the first
-`freeze_prototypes_steps` steps, as in the paper, which keeps them from
-collapsing before the encoder learns.
+`freeze_prototypes_steps` steps (or `freeze_prototypes_epochs` epochs), as in
+the paper, which keeps them from collapsing before the encoder learns.
 
 The feature queue (paper Sec. 3.1, "Working with small batches";
 `swav.queue_length` > 0): one queue per view of the `queue_length` most
 recent detached, normalised projections of the global batch, newest first,
 in `TrainState.extra` (replicated, checkpointed). From epoch
-`swav.queue_start_epoch` on, and once the queue is full, each view's codes
-are Sinkhorn-Knopp over [queue scores; batch scores] (the queue scored
-against the current prototypes), of which only the batch rows are used.
+`swav.queue_start_epochs` (or step `queue_start_steps`) on, and once the
+queue is full, each view's codes are Sinkhorn-Knopp over [queue scores; batch
+scores] (the queue scored against the current prototypes), of which only the
+batch rows are used.
 The queue is filled from step 0 (the paper allocates it at the start epoch
 and uses it once full), so at the start epoch it already holds the most
 recent batches; the queue used by a step is the one from before its enqueue.
@@ -31,6 +32,7 @@ from simclr_jax import losses
 from simclr_jax.methods import base
 from simclr_jax.models import simclr as simclr_model
 from simclr_jax.runtime import config_checks as checks
+from simclr_jax.runtime import durations
 
 
 class SwAV(base.Method):
@@ -46,10 +48,9 @@ class SwAV(base.Method):
     checks.integer('swav.num_prototypes', s.num_prototypes, 2)
     checks.integer('swav.sinkhorn_iterations', s.sinkhorn_iterations, 1)
     checks.positive('swav.epsilon', s.epsilon)
-    checks.integer('swav.freeze_prototypes_steps', s.freeze_prototypes_steps,
-                   0)
+    durations.check(s, 'freeze_prototypes', 'swav')
     checks.integer('swav.queue_length', s.queue_length, 0)
-    checks.integer('swav.queue_start_epoch', s.queue_start_epoch, 0)
+    durations.check(s, 'queue_start', 'swav')
     b = config.batch_size
     if s.queue_length % b:
       raise checks.ConfigError(
@@ -62,8 +63,10 @@ class SwAV(base.Method):
                      num_train_examples=num_train_examples)
     # Full global batches per epoch, as data/pipeline.steps_per_epoch.
     steps_per_epoch = num_train_examples // config.batch_size
-    self.queue_start_step = (int(self.settings.queue_start_epoch) *
-                             steps_per_epoch)
+    self.queue_start_step = durations.steps(self.settings, 'queue_start',
+                                            steps_per_epoch)
+    self.freeze_prototypes_step = durations.steps(
+        self.settings, 'freeze_prototypes', steps_per_epoch)
 
   def model_overrides(self):
     return {'num_prototypes': int(self.settings.num_prototypes)}
@@ -132,7 +135,7 @@ class SwAV(base.Method):
   def project_params(self, params, step):
     # Unit-norm prototypes after each step (Caron et al. 2020, App. A); while
     # frozen they do not move and stay exactly as they are.
-    frozen = step < self.settings.freeze_prototypes_steps
+    frozen = step < self.freeze_prototypes_step
     params = dict(params)
     p = params['prototypes']
     params['prototypes'] = jnp.where(
@@ -140,7 +143,7 @@ class SwAV(base.Method):
     return params
 
   def mask_frozen(self, tree, step):
-    frozen = step < self.settings.freeze_prototypes_steps
+    frozen = step < self.freeze_prototypes_step
     tree = dict(tree)
     tree['prototypes'] = jnp.where(frozen, 0.0, tree['prototypes'])
     return tree

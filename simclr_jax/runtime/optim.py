@@ -16,6 +16,8 @@ import jax
 import ml_collections
 import optax
 
+from simclr_jax.runtime import durations
+
 OPTIMIZERS = ('lars', 'sgd', 'adamw')
 LR_SCALINGS = ('linear', 'sqrt')
 
@@ -116,7 +118,7 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int,
   o = config.optim
   peak = peak_learning_rate(o.base_learning_rate, config.batch_size,
                             o.lr_scaling)
-  warmup_steps = int(round(o.warmup_epochs * steps_per_epoch))
+  warmup_steps = durations.steps(o, 'warmup', steps_per_epoch)
   schedule = warmup_cosine(peak, warmup_steps, total_steps)
   tx = build(o.name, schedule, weight_decay=o.weight_decay,
              momentum=o.momentum, trust_coefficient=o.trust_coefficient)

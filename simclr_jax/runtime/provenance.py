@@ -77,3 +77,17 @@ def collect(config: ml_collections.ConfigDict | None = None,
   if wall_time_s is not None:
     out['wall_time_s'] = float(wall_time_s)
   return out
+
+
+def for_mode(config: ml_collections.ConfigDict, mode: str,
+             wall_time_s: float | None = None) -> dict[str, Any]:
+  """The provenance block of a run of `mode` (pretrain or a downstream mode).
+
+  A downstream mode trains with its own section's batch (config.finetune.
+  batch_size, ...), which is the batch its throughput and layout figures
+  describe; pretraining (and a section without one) uses config.batch_size.
+  """
+  section = config.get(mode)
+  batch = (section.get('batch_size') if section is not None and
+           hasattr(section, 'get') else None)
+  return collect(config, wall_time_s, batch)

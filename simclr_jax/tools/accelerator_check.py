@@ -39,13 +39,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from simclr_jax.tools import step_benchmark
+
 STAGES = ('correctness', 'resnet50_step', 'torch_peer', 'grad_cache',
           'augment_only')
 # Share of the remaining budget each stage may take (the rest is left to
 # the stages after it).
 _SHARE = {'correctness': 0.25, 'resnet50_step': 0.35, 'torch_peer': 0.5,
           'grad_cache': 0.8, 'augment_only': 1.0}
-# Targets from the project's issue 15 (docs/benchmarks.md).
+# The accelerator targets docs/benchmarks.md states.
 TARGETS = {'views_per_sec_per_device': 7000.0, 'jax_over_torch': 1.3,
            'grad_cache_time_per_image_vs_plain': 1.35}
 
@@ -124,7 +126,6 @@ def stage_correctness(sz: dict[str, Any]) -> dict[str, Any]:
   from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
   from simclr_jax import losses  # pylint: disable=g-import-not-at-top
   from simclr_jax.runtime import parallel  # pylint: disable=g-import-not-at-top
-  from simclr_jax.tools import benchmark  # pylint: disable=g-import-not-at-top
   from simclr_jax.training import pretrain  # pylint: disable=g-import-not-at-top
 
   out: dict[str, Any] = {}
@@ -161,7 +162,7 @@ def stage_correctness(sz: dict[str, Any]) -> dict[str, Any]:
   for dtype in ('float32', 'bfloat16'):
     setup = pretrain.build(base_config(small, dtype=dtype))
     step, state = pretrain.make_step(setup), pretrain.initial_state(setup)
-    batch = benchmark.synthetic_batch(setup.config, setup.mesh, seed=1)
+    batch = step_benchmark.synthetic_batch(setup.config, setup.mesh, seed=1)
     losses_seen = []
     for i in range(sz['nan_steps'] if dtype == 'bfloat16' else 1):
       state, metrics = step(state, batch, jax.random.key(i))
@@ -186,21 +187,19 @@ def stage_correctness(sz: dict[str, Any]) -> dict[str, Any]:
 
 
 def stage_resnet50_step(sz: dict[str, Any]) -> dict[str, Any]:
-  from simclr_jax.tools import benchmark  # pylint: disable=g-import-not-at-top
-  return benchmark.benchmark_train_step(base_config(sz), sz['steps'],
-                                        sz['warmup'])
+  return step_benchmark.benchmark_train_step(base_config(sz), sz['steps'],
+                                             sz['warmup'])
 
 
 def stage_torch_peer(sz: dict[str, Any]) -> dict[str, Any]:
-  from simclr_jax.tools import benchmark  # pylint: disable=g-import-not-at-top
   # One device on both sides, precomputed views, SGD + momentum on both.
   config = base_config(sz, backend='tf')
   config.batch_size = sz['per_device_batch']
   config.optim.name = 'sgd'
-  row = benchmark.benchmark_train_step(config, sz['steps'], sz['warmup'],
-                                       mesh=_one_device_mesh())
-  peer = benchmark.torch_peer_row(config, sz['steps'], sz['warmup'],
-                                  sz['torch_compile'])
+  row = step_benchmark.benchmark_train_step(
+      config, sz['steps'], sz['warmup'], mesh=_one_device_mesh())
+  peer = step_benchmark.torch_peer_row(config, sz['steps'], sz['warmup'],
+                                       sz['torch_compile'])
   out = {'optimizer': 'sgd_momentum (both sides)', 'jax': row,
          'torch': peer}
   if peer.get('views_per_sec'):
@@ -214,16 +213,15 @@ def _one_device_mesh():
 
 
 def stage_grad_cache(sz: dict[str, Any]) -> dict[str, Any]:
-  from simclr_jax.tools import benchmark  # pylint: disable=g-import-not-at-top
   mesh = _one_device_mesh()
   plain_config = base_config(sz)
   plain_config.batch_size = sz['per_device_batch']
-  plain = benchmark.benchmark_train_step(plain_config, sz['steps'],
-                                         sz['warmup'], mesh=mesh)
+  plain = step_benchmark.benchmark_train_step(plain_config, sz['steps'],
+                                              sz['warmup'], mesh=mesh)
   cached_config = base_config(sz)
   cached_config.batch_size = sz['cached_batch']
   cached_config.grad_cache_chunks = sz['cached_batch'] // sz['chunk']
-  cached = benchmark.benchmark_train_step(
+  cached = step_benchmark.benchmark_train_step(
       cached_config, max(1, sz['steps'] // 5), 1, mesh=mesh)
   per_image = lambda r: r['step_time_s'] / r['global_batch']
   out = {'plain': plain, 'cached': cached,

@@ -17,6 +17,7 @@ import sys
 from typing import Sequence
 
 from simclr_jax.data import folder
+from simclr_jax.runtime import entry
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -48,8 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed=args.seed, examples_per_shard=args.examples_per_shard,
         on_corrupt=args.on_corrupt)
   except folder.FolderError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+    return entry.print_error(e)
   summary = ', '.join(f'{split} {n}' for split, n in counts.items())
   print(f'prepare_data: wrote {summary} images to {args.out}; train with '
         f"--config.dataset.name=folder --config.dataset.folder={args.out}",
@@ -58,6 +58,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run() -> None:
-  from simclr_jax.runtime import logs  # pylint: disable=g-import-not-at-top
-  logs.configure(logs.verbose_from_argv(sys.argv))
+  entry.configure_logs()  # Before the write imports TensorFlow.
   sys.exit(main())

@@ -38,6 +38,8 @@ import subprocess
 import sys
 from typing import Any, Sequence
 
+from simclr_jax.runtime import entry
+
 SPEC = 'study_spec.json'
 POINTS = 'points'
 # Read-outs copied from each point's results.json into the report.
@@ -493,8 +495,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       return 0
     statuses = run_study(spec, args.workdir, args.point, args.main_module)
   except StudyError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+    return entry.print_error(e)
   if args.point is None:
     out = report(args.workdir)
     print(f"study: {out['counts']['finished']} of {len(out['points'])} "
