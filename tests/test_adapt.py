@@ -14,16 +14,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from simclr_jax.data import datasets
 from simclr_jax.data import digits
 from simclr_jax.data import digits_m
+from simclr_jax.data import in_memory
 from simclr_jax.downstream import adapt
 from simclr_jax.losses import alignment
+from conftest import tiny_config
+from test_faults import BASE
 from test_faults import Run
 from test_faults import _assert_trees_close
 from test_faults import _run
 from test_faults import _state
-from test_faults_downstream import _digits_config
 
 # ------------------------------------------------------------- the losses --
 
@@ -180,33 +181,28 @@ ADAPT = ('--mode=adapt', '--config.adapt.method=dann',
 
 
 def _config():
-  c = _digits_config()
-  for flag in ADAPT[1:]:
-    field, value = flag[len('--config.'):].split('=', 1)
-    section, leaf = field.split('.')
-    c[section][leaf] = type(c[section][leaf])(
-        value if isinstance(c[section][leaf], str) else eval(value))  # pylint: disable=eval-used
-  return c
+  """The config of `Run(workdir, *ADAPT)`."""
+  return tiny_config(*BASE, *ADAPT[1:])
 
 
 def _adapt_in_process(workdir, poison_target_labels=False):
   from simclr_jax.training import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-  original = datasets.load_in_memory
+  original = in_memory.DigitsSource._load  # pylint: disable=protected-access
 
-  def poisoned(config, split):
-    images, labels = original(config, split)
-    if config.dataset.name == 'digits_m' and split == 'train':
+  def poisoned(source, split):
+    images, labels = original(source, split)
+    if source.name == 'digits_m' and split == 'train':
       labels = np.random.default_rng(1).integers(0, 10, len(labels)).astype(
           np.int32)
     return images, labels
 
   workdir_lib.prepare_workdir(str(workdir))
   if poison_target_labels:
-    datasets.load_in_memory = poisoned
+    in_memory.DigitsSource._load = poisoned  # pylint: disable=protected-access
   try:
     return adapt.run_adapt(_config(), str(workdir))
   finally:
-    datasets.load_in_memory = original
+    in_memory.DigitsSource._load = original  # pylint: disable=protected-access
 
 
 @pytest.fixture(scope='module', name='reference')

@@ -406,14 +406,14 @@ def test_any_tfds_dataset_by_name_finds_its_features():
            'lsun/classroom': ('image', None)}
   for name, keys in cases.items():
     c = _config(name, data_dir='/nonexistent/tfds')
-    assert datasets.feature_keys(datasets.tfds_builder(c), c) == keys, name
+    assert datasets.source_for(c).feature_keys() == keys, name
   c = _config('caltech_birds2011', data_dir='/nonexistent/tfds',
               image_key='segmentation_mask')
-  assert datasets.feature_keys(datasets.tfds_builder(c), c)[0] == (
+  assert datasets.source_for(c).feature_keys()[0] == (
       'segmentation_mask')
   c.dataset.label_key = 'labels'
   with pytest.raises(datasets.DatasetError, match="no such feature"):
-    datasets.feature_keys(datasets.tfds_builder(c), c)
+    datasets.source_for(c).feature_keys()
 
 
 @requires_tf

@@ -122,14 +122,15 @@ def test_listing_labels_split_and_corrupt_file(labelled, caplog):
   c = _config(labelled)
   with caplog.at_level(logging.WARNING):
     images, labels = (np.concatenate(a) for a in zip(
-        *(datasets.load_in_memory(c, s) for s in ('train', 'validation'))))
+        *(datasets.source_for(c).raw_arrays(s)
+          for s in ('train', 'validation'))))
   assert len(labels) == len(CLASSES) * PER_CLASS  # The corrupt file left out.
   assert 'broken.jpg' in caplog.text
   assert images.shape[1:] == (SIZE, SIZE, 3) and images.dtype == np.uint8
   assert np.bincount(labels).tolist() == [PER_CLASS] * len(CLASSES)
   # A file already at SIZE x SIZE comes back pixel for pixel.
   train_paths, _ = listing.splits['train']
-  x, _ = datasets.load_in_memory(c, 'train')
+  x, _ = datasets.source_for(c).raw_arrays('train')
   kept = [p for p in train_paths if 'broken' not in p]
   for row, p in enumerate(kept):
     ref = _expected(p).numpy()
@@ -149,7 +150,7 @@ def test_flat_folder_is_unlabelled_and_errors_are_one_line(tmp_path):
   info = datasets.dataset_info(_config(flat))
   assert info.num_classes == 0 and not info.labelled
   assert info.num_train_examples == n - round(n * 0.25)
-  _, labels = datasets.load_in_memory(_config(flat), 'validation')
+  _, labels = datasets.source_for(_config(flat)).raw_arrays('validation')
   assert (labels == -1).all()
 
   mixed = tmp_path / 'mixed'
@@ -166,8 +167,7 @@ def test_flat_folder_is_unlabelled_and_errors_are_one_line(tmp_path):
 def test_missing_eval_split_falls_back_to_validation(labelled):
   c = _config(labelled)
   assert c.dataset.eval_split == 'test'
-  datasets.resolve_splits(c)
-  assert c.dataset.eval_split == 'validation'
+  assert datasets.resolved_splits(c) == ('train', 'validation')
 
 
 def _indices(config, process_index, process_count, steps, start=0):
@@ -210,7 +210,7 @@ def test_prepared_tfrecords_read_back_equal_to_the_folder(labelled, prepared):
   good = len([p for p in train_files if 'broken' not in p])
   assert (a.num_train_examples, a.num_classes) == (
       b.num_train_examples, b.num_classes) == (good, 3)
-  assert datasets.available_splits(streamed) == ['train', 'validation']
+  assert datasets.source_for(streamed).splits() == ['train', 'validation']
   for split in ('train', 'validation'):
     x0, y0 = pipeline.load_train_arrays_raw(direct, split)
     x1, y1 = pipeline.load_train_arrays_raw(streamed, split)
@@ -236,7 +236,7 @@ def test_digits_as_png_folder_decode_to_the_embedded_pixels(tmp_path):
   folder.write_image_folder(str(tmp_path), {'test': (x, y)})
   c = _config(tmp_path)
   c.dataset.image_size = 32
-  fx, fy = datasets.load_in_memory(c, 'test')
+  fx, fy = datasets.source_for(c).raw_arrays('test')
   paths, _ = folder.listing_of(c).splits['test']
   rows = [int(os.path.basename(p)[:-4]) for p in paths]
   np.testing.assert_array_equal(fx, x[rows])

@@ -16,6 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 from simclr_jax.config import validation as config_validation
 from simclr_jax.config import defaults
+from simclr_jax.config import resolve as config_resolve
 from simclr_jax.training import grad_cache
 from simclr_jax import losses
 from simclr_jax import methods
@@ -270,7 +271,7 @@ def test_config_validation_rejects_uneven_chunks():
 def test_max_batch_per_device_picks_the_fewest_chunks_that_fit():
   for per_device, limit, want in ((512, 256, 2), (384, 256, 2), (300, 128, 3),
                                   (7, 3, 7), (128, 256, 0), (128, 0, 0)):
-    chunks = grad_cache.chunks_for(per_device, limit)
+    chunks = config_resolve.chunks_for(per_device, limit)
     assert chunks == want, (per_device, limit, chunks)
     if chunks:  # Every chunk fits and they tile the batch.
       assert per_device % chunks == 0 and per_device // chunks <= limit

@@ -22,21 +22,20 @@ import pytest
 from simclr_jax.runtime import checkpointing
 from simclr_jax.runtime import distributed
 from simclr_jax.data import pipeline
+from simclr_jax.data import streams
+from conftest import TINY_RECIPE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(ROOT, 'configs', 'digits.py')
 
-# A tiny model; no warmup, so 3 steps move the weights far (about 1.4 at
-# most) compared with the tolerance below.
+# The tiny run with no warmup, so 3 steps move the weights far (about 1.4 at
+# most) compared with the tolerance below; the recipe's checkpoint interval
+# and few-shot read-out.
 OVERRIDES = {
-    'model.width_multiplier': 0.125,
-    'model.proj_out_dim': 16,
-    'dataset.image_size': 16,
-    'batch_size': 64,
     'optim.warmup_epochs': 0.0,
     'train_steps': 4,  # With stop_after_steps=3: same schedule, no evaluation.
-    'log_every_steps': 1,
-    'eval.probe_random_init': False,
+    'checkpoint_every_steps': 100,
+    'eval.fewshot_draws': 10,
+    'eval.fewshot_shots': (1, 5, 10),
     # The tolerances below were measured with the reference augmentation
     # and T 0.2. The digits recipe's gentler crop and T 0.1 amplify rounding
     # further over 3 steps (measured: 1.4e-3 in a parameter, 2.2e-5 in the
@@ -81,7 +80,7 @@ def _env(devices: int) -> dict:
 
 def _main_cmd(workdir, *flags):
   overrides = [f'--config.{k}={v}' for k, v in OVERRIDES.items()]
-  return [sys.executable, '-m', 'simclr_jax.main', f'--config={CONFIG}',
+  return [sys.executable, '-m', 'simclr_jax.main', f'--config={TINY_RECIPE}',
           f'--workdir={workdir}', *overrides, *flags]
 
 
@@ -195,13 +194,13 @@ def test_host_shards_are_disjoint_and_cover_each_epoch(process_count):
   num_examples, spe = 1000, 1000 // 48
   local = c.batch_size // process_count
   # Two epochs from a stream that starts mid-epoch (a resumed run).
-  resumed = [pipeline._epoch_rows(c, num_examples, start_step=spe + 5,
+  resumed = [streams.epoch_rows(c, num_examples, start_step=spe + 5,
                                   spe=spe, local_batch=local, process_index=p)
              for p in range(process_count)]
   for epoch in (0, 1):
     perm = pipeline.epoch_permutation(c.seed, epoch, num_examples)
     rows = [next(s) for s in
-            (pipeline._epoch_rows(c, num_examples, start_step=epoch * spe,
+            (streams.epoch_rows(c, num_examples, start_step=epoch * spe,
                                   spe=spe, local_batch=local, process_index=p)
              for p in range(process_count))]
     assert all(e == epoch for e, _ in rows)

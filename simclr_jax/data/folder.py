@@ -40,7 +40,11 @@ from typing import Any, Sequence
 from absl import logging
 import numpy as np
 
-from simclr_jax.data.datasets import DatasetError
+from simclr_jax.data import in_memory
+from simclr_jax.data.base import DatasetError
+from simclr_jax.data.base import import_tf
+from simclr_jax.data.base import import_tfds
+from simclr_jax.data.base import raw_size
 
 SPLIT_NAMES = ('train', 'validation', 'test')
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
@@ -76,8 +80,7 @@ class Listing:
 
 
 def _gfile():
-  from simclr_jax.data import datasets  # pylint: disable=g-import-not-at-top
-  return datasets.import_tf('dataset.name=\'folder\'').io.gfile
+  return import_tf('dataset.name=\'folder\'').io.gfile
 
 
 def is_prepared(root: str) -> bool:
@@ -230,8 +233,7 @@ def decode_files(paths: Sequence[str], size: int | None, *, on_corrupt: str,
     FolderError: a file did not decode and on_corrupt is 'fail'.
   """
   from simclr_jax.data import augment  # pylint: disable=g-import-not-at-top
-  from simclr_jax.data import datasets  # pylint: disable=g-import-not-at-top
-  tf = datasets.import_tf('dataset.name=\'folder\'')
+  tf = import_tf('dataset.name=\'folder\'')
 
   def load(i, path):
     image = tf.io.decode_image(tf.io.read_file(path), channels=3,
@@ -292,6 +294,20 @@ def load_split(config: Any, split: str, size: int
                   str(d.get('on_corrupt', 'skip')))
 
 
+class FolderSource(in_memory.ArraySource):
+  """An image folder read directly: each split decoded once per process into
+  uint8 arrays at raw size, then read like the embedded digits."""
+
+  def splits(self):
+    return sorted(listing_of(self.config).splits)
+
+  def num_classes(self):
+    return listing_of(self.config).num_classes
+
+  def _load(self, split):
+    return load_split(self.config, split, raw_size(self.config))
+
+
 def write_tfrecords(root: str, out: str, *, validation_fraction: float = 0.1,
                     seed: int = 0, examples_per_shard: int = 1024,
                     on_corrupt: str = 'skip') -> dict[str, int]:
@@ -304,9 +320,8 @@ def write_tfrecords(root: str, out: str, *, validation_fraction: float = 0.1,
   a prepared folder and the folder read directly hold the same images in
   the same order. Returns examples written per split.
   """
-  from simclr_jax.data import datasets  # pylint: disable=g-import-not-at-top
-  tf = datasets.import_tf('prepare_data')
-  tfds = datasets.import_tfds(PREPARED_NAME)
+  tf = import_tf('prepare_data')
+  tfds = import_tfds(PREPARED_NAME)
   listing = list_folder(root, validation_fraction, seed)
   feature_dict = {'image': tfds.features.Image(shape=(None, None, 3)),
                   'file_name': tfds.features.Text()}
@@ -364,8 +379,7 @@ def write_image_folder(root: str, splits: dict[str, tuple[np.ndarray,
     splits: split name -> (uint8 (N, H, W, 3), int labels (N,)).
     class_names: label -> subfolder name; default the label as a number.
   """
-  from simclr_jax.data import datasets  # pylint: disable=g-import-not-at-top
-  tf = datasets.import_tf('write_image_folder')
+  tf = import_tf('write_image_folder')
   for split, (images, labels) in splits.items():
     for row, (image, label) in enumerate(zip(images, labels)):
       name = class_names[label] if class_names else str(int(label))

@@ -1,17 +1,19 @@
 """Labelled training streams and label fractions for the downstream modes.
 
 Linear evaluation, fine-tuning and distillation train on labelled images with
-crop + flip only (docs/algorithms.md#evaluation-preprocessing). Two sources:
+crop + flip only (docs/algorithms.md#evaluation-preprocessing). Two forms,
+chosen by the DataSource (`fits_in_memory`):
 
   * Arrays (digits, synthetic, CIFAR, STL-10: anything that fits in host
     memory): the split's raw uint8 images at dataset.raw_size, yielded as
-    {'images': uint8 (b, R, R, 3), 'labels': int32 (b,)}. The crop + flip is
-    done on device inside the jitted step (augment.jax_finetune_views, the
-    same distribution as augment.tf_finetune_view), so no TensorFlow is
-    needed for in-memory datasets.
-  * TFDS streams (the ImageNet family, too big to materialise): tf.data with
-    augment.tf_finetune_view, yielding {'views': float32 (b, S, S, 3),
-    'labels'}.
+    {'images': uint8 (b, R, R, 3), 'labels': int32 (b,)} by `array_batches`.
+    The crop + flip is done on device inside the jitted step
+    (augment.jax_finetune_views, the same distribution as
+    augment.tf_finetune_view), so no TensorFlow is needed for in-memory
+    datasets.
+  * Streams (the ImageNet family, too big to materialise): the source's
+    `labelled_stream`, tf.data with augment.tf_finetune_view, yielding
+    {'views': float32 (b, S, S, 3), 'labels'}.
 
 Label fractions (docs/algorithms.md#fine-tuning-on-label-fractions): ImageNet
 uses the official TFDS subsets `imagenet2012_subset/1pct` and `/10pct`; every
@@ -26,7 +28,6 @@ from collections.abc import Iterator
 import ml_collections
 import numpy as np
 
-from simclr_jax.data import datasets
 from simclr_jax.data import pipeline
 from simclr_jax.data import sampling
 
@@ -35,13 +36,6 @@ Batch = dict[str, np.ndarray]
 # label_fraction -> official ImageNet subset (SimCLRv2 semi-supervised).
 IMAGENET_SUBSETS = {0.01: 'imagenet2012_subset/1pct',
                     0.1: 'imagenet2012_subset/10pct'}
-# Examples per tf.data batch when reading an evaluation split in chunks.
-_EVAL_CHUNK = 1024
-
-
-def is_streamed(name: str) -> bool:
-  """ImageNet is streamed with tf.data; everything else is held in memory."""
-  return name.startswith('imagenet2012')
 
 
 def label_subset(labels: np.ndarray, fraction: float, seed: int
@@ -58,7 +52,10 @@ def label_subset(labels: np.ndarray, fraction: float, seed: int
 
 
 def imagenet_source(name: str, fraction: float) -> str:
-  """The TFDS dataset holding `fraction` of ImageNet's labels.
+  """The TFDS dataset holding `fraction` of a streamed dataset's labels.
+
+  A dataset too big for host memory is streamed, so its label fraction
+  cannot be drawn by row; ImageNet has official subsets for 1% and 10%.
 
   Raises:
     ValueError: for a fraction without an official subset.
@@ -68,18 +65,11 @@ def imagenet_source(name: str, fraction: float) -> str:
   if name != 'imagenet2012' or fraction not in IMAGENET_SUBSETS:
     raise ValueError(
         f'finetune.label_fraction={fraction} with dataset.name={name!r}: '
-        'ImageNet label fractions are the official TFDS subsets, so use '
-        "dataset.name='imagenet2012' with label_fraction 0.01 or 0.1 (or 1.0 "
-        'for all labels)')
+        'a streamed dataset\'s label fractions are the official ImageNet '
+        "TFDS subsets, so use dataset.name='imagenet2012' with "
+        'label_fraction 0.01 or 0.1 (or 1.0 for all labels), or hold a '
+        'smaller dataset in memory with dataset.in_memory=True')
   return IMAGENET_SUBSETS[fraction]
-
-
-def tfds_num_examples(config: ml_collections.ConfigDict, name: str,
-                      split: str) -> int:
-  """Size of a TFDS split (checking that it is prepared)."""
-  tfds = datasets.import_tfds(name)
-  builder = tfds.builder(name, data_dir=config.dataset.data_dir)
-  return datasets.tfds_split_size(builder, name, split)
 
 
 def load_labelled_arrays(config: ml_collections.ConfigDict,
@@ -137,74 +127,3 @@ def array_batches(images: np.ndarray, labels: np.ndarray, *,
   for idx in index_stream(len(labels), global_batch, seed, start_step):
     rows = idx[lo:lo + local]
     yield {'images': images[rows], 'labels': labels[rows].astype(np.int32)}
-
-
-def tfds_batches(config: ml_collections.ConfigDict, name: str, split: str, *,
-                 global_batch: int, seed: int, process_index: int = 0,
-                 process_count: int = 1, start_step: int = 0,
-                 with_labels: bool = True) -> Iterator[Batch]:
-  """Host-local crop + flip views streamed from a TFDS split with tf.data.
-
-  Each process reads its own even share of the split. Views are seeded by
-  (seed, position in this process's stream), so a run is repeatable.
-  `with_labels=False` marks every label -1 (unlabelled data for
-  distillation).
-  """
-  from simclr_jax.data import augment  # pylint: disable=g-import-not-at-top
-  tf = datasets.import_tf(f'TFDS dataset {name!r}')
-  tfds = datasets.import_tfds(name)
-  builder = tfds.builder(name, data_dir=config.dataset.data_dir)
-  datasets.tfds_split_size(builder, name, split)  # Fails if not prepared.
-  local = global_batch // process_count
-  part = tfds.even_splits(split, n=process_count,
-                          drop_remainder=True)[process_index]
-  size = int(config.dataset.image_size)
-  ds = builder.as_dataset(split=part, shuffle_files=True,
-                          read_config=tfds.ReadConfig(shuffle_seed=seed))
-  buffer = max(1, int(config.dataset.shuffle_buffer_multiplier) * local)
-  # Skipping before the map keeps each view's seed (its stream position), so
-  # a run resumed at `start_step` sees the batches the uninterrupted run saw.
-  ds = ds.repeat().shuffle(buffer, seed=seed).enumerate().skip(
-      start_step * local)
-  process_seed = int(seed) * 1000003 + process_index
-
-  def fn(i, ex):
-    view_seed = tf.stack([tf.constant(process_seed, tf.int64), i])
-    label = (tf.cast(ex['label'], tf.int32) if with_labels
-             else tf.constant(-1, tf.int32))
-    return {'views': augment.tf_finetune_view(
-        ex['image'], size, seed=view_seed,
-        crop_min_area=config.augment.finetune_crop_min_area,
-        flip=config.augment.finetune_flip),
-            'labels': label}
-
-  ds = ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.batch(local, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-  return ds.as_numpy_iterator()
-
-
-def eval_chunks(config: ml_collections.ConfigDict, split: str | None = None
-                ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """(float32 images, int32 labels) of the evaluation split, in order.
-
-  In-memory datasets come as one chunk; TFDS ones in chunks of
-  _EVAL_CHUNK, so a 50k-image ImageNet validation set is never held whole.
-  Images get the evaluation preprocessing
-  (docs/algorithms.md#evaluation-preprocessing).
-  """
-  split = config.dataset.eval_split if split is None else split
-  name = config.dataset.name
-  if not is_streamed(name):
-    yield pipeline.load_eval_arrays(config, split)
-    return
-  from simclr_jax.data import augment  # pylint: disable=g-import-not-at-top
-  tf = datasets.import_tf(f'TFDS dataset {name!r}')
-  builder = datasets.tfds_builder(config)
-  datasets.tfds_split_size(builder, name, split)
-  size = int(config.dataset.image_size)
-  ds = builder.as_dataset(split=split, shuffle_files=False)
-  ds = ds.map(lambda ex: (augment.tf_eval(ex['image'], size),
-                          tf.cast(ex['label'], tf.int32)),
-              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  yield from ds.batch(_EVAL_CHUNK).prefetch(2).as_numpy_iterator()
-

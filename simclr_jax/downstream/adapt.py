@@ -131,20 +131,22 @@ def _contrastive_phase(config: ml_collections.ConfigDict, workdir: str,
   if interrupted."""
   from simclr_jax.training import pretrain  # pylint: disable=g-import-not-at-top
   a = config.adapt
-  union = f'{config.dataset.name}+{a.target}'
-  if not datasets.union_parts(union):
+  try:
+    union = datasets.union_name(config.dataset.name, a.target)
+  except datasets.DatasetError as e:
     raise ValueError(
-        f'config.adapt.method={a.method!r} pretrains on {union!r}, which '
-        'needs both domains in memory (digits, digits_m, synthetic); for '
-        'TFDS domains pretrain first and pass --config.init_from=THAT_RUN '
-        'with a non-contrastive method')
+        f'config.adapt.method={a.method!r} pretrains on '
+        f'{config.dataset.name}+{a.target}, which needs both domains in '
+        'memory (digits, digits_m, synthetic); for TFDS domains pretrain '
+        'first and pass --config.init_from=THAT_RUN with a non-contrastive '
+        'method') from e
   c = copy.deepcopy(config)
   c.dataset.name = union  # The target part is unlabelled (-1).
   # adapt.contrastive_epochs, unless config.train_steps fixes the phase's
   # steps (as it fixes pretraining's; tests and smoke runs).
   c.num_epochs = int(a.contrastive_epochs)
   c.optim.warmup_epochs = min(c.optim.warmup_epochs, c.num_epochs)
-  c.eval.eval_every_epochs = 0.0
+  c.eval.eval_every_epochs, c.eval.eval_every_steps = 0.0, 0  # Monitor off.
   sub = os.path.join(workdir, 'contrastive')
   setup = pretrain.build(c)
   pretrain.prepare_workdir(sub)

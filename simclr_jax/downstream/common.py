@@ -16,8 +16,12 @@ import ml_collections
 import numpy as np
 from etils import epath
 
+from simclr_jax.config import defaults
 from simclr_jax.config import downstream as dcfg
+from simclr_jax.config import durations
+from simclr_jax.data import datasets
 from simclr_jax.data import labelled
+from simclr_jax.data import pipeline
 from simclr_jax.models import classifier
 from simclr_jax.models import heads
 from simclr_jax.runtime import checkpointing
@@ -27,15 +31,6 @@ from simclr_jax.training import loop
 from simclr_jax.training import state as state_lib
 from simclr_jax.training import supervised
 from simclr_jax.training import workdir as workdir_lib
-
-# Recorded-config fields that must match for a workdir's checkpoint to
-# continue this run: they fix the checkpoint's shapes or what it means.
-RESUME_FIELDS = ('init_from', 'dataset.name', 'model.depth',
-                 'model.width_multiplier', 'model.sk_ratio', 'model.stem',
-                 'model.ft_proj_selector', 'downstream.label_fraction',
-                 'downstream.label_seed', 'downstream.from_scratch',
-                 'downstream.fine_tune_after_block', 'downstream.teacher',
-                 'downstream.method', 'downstream.target')
 
 
 def load_source(config: ml_collections.ConfigDict):
@@ -101,16 +96,15 @@ def train_data(config, section, *, fraction: float = 1.0,
             process_index=jax.process_index(),
             process_count=jax.process_count())
   name, split = config.dataset.name, config.dataset.train_split
-  if labelled.is_streamed(name):
+  if not datasets.source_for(config).fits_in_memory():
     if label_rows is not None:
       raise ValueError('config.distill.labelled_weight > 0 needs an '
                        f'in-memory dataset; {name!r} is streamed, use 0')
-    source = labelled.imagenet_source(name, fraction)
-    n = labelled.tfds_num_examples(config, source, split)
+    subset = labelled.imagenet_source(name, fraction)
+    source = datasets.source_for(datasets.with_name(config, subset))
     return TrainData(
-        lambda start: labelled.tfds_batches(config, source, split,
-                                            start_step=start, **kw),
-        n, {'label_source': source})
+        lambda start: source.labelled_stream(split, start_step=start, **kw),
+        source.split_size(split), {'label_source': subset})
   images, labels, _ = labelled.load_labelled_arrays(config, fraction,
                                                     label_seed)
   if label_rows is not None:
@@ -141,7 +135,8 @@ def train_classifier(config: ml_collections.ConfigDict, mode: str,
   section = config[mode]
   dcfg.check_training(mode, section, num_devices=jax.device_count(),
                       process_count=jax.process_count())
-  workdir_lib.check_and_record(workdir, recorded, RESUME_FIELDS)
+  workdir_lib.check_and_record(workdir, recorded,
+                               defaults.resume_fields(recorded, mode))
   mesh = parallel.make_mesh()
   steps_per_epoch = data.num_examples / section.batch_size
   total = max(1, math.ceil(section.epochs * steps_per_epoch))
@@ -161,8 +156,11 @@ def train_classifier(config: ml_collections.ConfigDict, mode: str,
       total_steps=total, steps_per_epoch=steps_per_epoch,
       batch_size=section.batch_size,
       rng=jax.random.fold_in(jax.random.key(config.seed), 1), mesh=mesh,
-      on_nan=config.on_nan, log_every_steps=config.log_every_steps,
-      checkpoint_every_steps=config.checkpoint_every_steps,
+      on_nan=config.on_nan,
+      log_every_steps=durations.steps(config, 'log_every', steps_per_epoch,
+                                      minimum=1),
+      checkpoint_every_steps=durations.steps(
+          config, 'checkpoint_every', steps_per_epoch, minimum=1),
       keep_checkpoints=config.keep_checkpoints, prefetch=config.dataset.prefetch,
       accuracy_key='accuracy', position=lambda step: {'step': step})
   return loop.run(spec, state_lib.create_state(tx, variables, mesh), workdir,
@@ -171,8 +169,9 @@ def train_classifier(config: ml_collections.ConfigDict, mode: str,
 
 def test_logits(config, model, variables) -> tuple[np.ndarray, np.ndarray]:
   """(logits, labels) of the evaluation split."""
-  return supervised.predict_logits(model, variables,
-                                   labelled.eval_chunks(config),
+  chunks = pipeline.eval_batches(config, config.dataset.eval_split,
+                                 config.eval.batch_size)
+  return supervised.predict_logits(model, variables, chunks,
                                    config.eval.batch_size, parallel.make_mesh())
 
 

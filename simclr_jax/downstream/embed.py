@@ -15,7 +15,7 @@ import numpy as np
 from etils import epath
 
 from simclr_jax.config import downstream as dcfg
-from simclr_jax.data import labelled
+from simclr_jax.data import pipeline
 from simclr_jax.downstream import common
 from simclr_jax.evaluation import features as features_lib
 from simclr_jax.models import resnet
@@ -48,7 +48,8 @@ def run_embed(config: ml_collections.ConfigDict, workdir: str) -> dict:
     configs.append(adapt.target_config(target))
   feats, labels, domains = [], [], []
   for domain, c in enumerate(configs):
-    for x, y in labelled.eval_chunks(c):
+    for x, y in pipeline.eval_batches(c, c.dataset.eval_split,
+                                      config.eval.batch_size):
       feats.append(features_lib.extract_features(
           apply, x, config.eval.batch_size, mesh, variables=variables))
       labels.append(y)

@@ -59,6 +59,7 @@ from absl import logging
 
 from simclr_jax.methods import base
 from simclr_jax.runtime import config_checks as checks
+from simclr_jax.runtime import durations
 from simclr_jax.runtime import parallel
 
 # Relative perturbation of a split centroid (faiss's k-means uses 1/1024).
@@ -222,21 +223,23 @@ class DeepCluster(base.Method):
     checks.integer('deepcluster.num_clusters', s.num_clusters, 2)
     checks.integer('deepcluster.pca_dim', s.pca_dim, 1)
     checks.integer('deepcluster.kmeans_iterations', s.kmeans_iterations, 1)
+    # Unlike other durations, the epochs must be > 0 even with the steps
+    # set, as they always had to be here.
     checks.positive('deepcluster.recluster_every_epochs',
                     s.recluster_every_epochs)
-    checks.integer('deepcluster.recluster_every_steps',
-                   s.recluster_every_steps, 0)
+    durations.check(s, 'recluster_every', 'deepcluster', allow_off=False)
     checks.positive('deepcluster.head_learning_rate', s.head_learning_rate)
     checks.positive('deepcluster.head_weight_decay', s.head_weight_decay,
                     allow_zero=True)
     name = config.dataset.name
-    if not datasets.reads_in_memory(config):
+    source = datasets.source_for(config)
+    if not source.holds_arrays:
       raise checks.ConfigError(
           f"method='deepcluster' on config.dataset.name={name!r} needs "
           'config.dataset.in_memory=True: it holds a pseudo-label per image '
           'of the train split, which a streamed TFDS dataset has no row ids '
           'for (in memory, CIFAR-10 takes about 150 MB per host)')
-    n = datasets.dataset_info(config).num_train_examples
+    n = source.info().num_train_examples
     if s.num_clusters > n:
       raise checks.ConfigError(
           f'config.deepcluster.num_clusters={s.num_clusters} is invalid: '
@@ -253,10 +256,8 @@ class DeepCluster(base.Method):
 
   def recluster_every(self, steps_per_epoch: float) -> int:
     """Steps between two clusterings."""
-    s = self.settings
-    if s.recluster_every_steps:
-      return int(s.recluster_every_steps)
-    return max(1, round(s.recluster_every_epochs * steps_per_epoch))
+    return durations.steps(self.settings, 'recluster_every', steps_per_epoch,
+                           minimum=1)
 
   def init_extra(self, params, batch_stats, rng):
     del params, batch_stats

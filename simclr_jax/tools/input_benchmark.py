@@ -8,7 +8,7 @@ whether on-device augmentation (`jax_views`) is needed. Wired into
 
 `measure_jpeg_throughput` adds what an ImageNet run pays first: JPEG
 records (written here, ImageNet-sized) read with tf.data and decoded by the
-pipeline's own functions (`data/pipeline.py`: the corrupt-image-tolerant
+pipeline's own functions (`data/tfds_source.py`, `data/streams.py`: the corrupt-image-tolerant
 decode, then the two views for the tf backend, or the resize to raw_size
 for the on-device backend).
 """
@@ -195,7 +195,8 @@ def measure_jpeg_throughput(backend: str, image_size: int = 224,
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from simclr_jax.config import defaults  # pylint: disable=g-import-not-at-top
-  from simclr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from simclr_jax.data import streams  # pylint: disable=g-import-not-at-top
+  from simclr_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')
   raw_size = raw_size or _default_raw_size(image_size)
   with tempfile.TemporaryDirectory() as tmp:
@@ -215,14 +216,14 @@ def measure_jpeg_throughput(backend: str, image_size: int = 224,
     ds = (tf.data.TFRecordDataset(info['paths'],
                                   num_parallel_reads=tf.data.AUTOTUNE)
           .repeat().enumerate().map(parse, num_parallel_calls=tf.data.AUTOTUNE))
-    ds = pipeline._decode_dropping_corrupt(tf, ds, image_feature)  # pylint: disable=protected-access
+    ds = tfds_source._decode_dropping_corrupt(tf, ds, image_feature)  # pylint: disable=protected-access
     if backend == 'tf':
-      views = pipeline._two_views_fn(config, tf, 0, include_index=False)  # pylint: disable=protected-access
+      views = streams.two_views_fn(config, tf, 0, include_index=False)
       fn = lambda ex: views(ex['image'], tf.cast(ex['label'], tf.int32),
                             tf.constant(0, tf.int64))
       per_item = 2
     elif backend == 'jax':
-      resize = pipeline._raw_image_fn(tf, (None, None, 3), raw_size)  # pylint: disable=protected-access
+      resize = streams.raw_image_fn(tf, (None, None, 3), raw_size)
       fn = lambda ex: {'images': resize(ex['image'])}
       per_item = 1
     else:

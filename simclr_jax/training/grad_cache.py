@@ -98,16 +98,6 @@ def check_chunks(num_rows: int, num_chunks: int, num_devices: int) -> None:
         f'chunks x devices = {num_chunks * num_devices}')
 
 
-def chunks_for(per_device_batch: int, max_per_device: int) -> int:
-  """Fewest chunks that split a per-device batch into chunks of at most
-  `max_per_device` images (0: no caching needed or no limit set)."""
-  if max_per_device <= 0 or per_device_batch <= max_per_device:
-    return 0
-  return next(c for c in range(-(-per_device_batch // max_per_device),
-                               per_device_batch + 1)
-              if per_device_batch % c == 0)
-
-
 def _to_chunks(x: jax.Array, num_chunks: int, num_devices: int) -> jax.Array:
   """(R, ...) batch-sharded -> (C, R/C, ...), each chunk sharded over devices.
 

@@ -12,7 +12,7 @@ random init.
 import dataclasses
 import functools
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -22,25 +22,20 @@ from absl import logging
 
 from simclr_jax import methods
 from simclr_jax import models
-from simclr_jax.config import validation as config_validation
+from simclr_jax.config import defaults
+from simclr_jax.config import durations
+from simclr_jax.config import resolve as config_resolve
 from simclr_jax.config.validation import ConfigError
 from simclr_jax.evaluation import knn_monitor
 from simclr_jax.evaluation import readout
 from simclr_jax.runtime import accelerator
 from simclr_jax.runtime import optim
 from simclr_jax.runtime import parallel
-from simclr_jax.training import grad_cache
 from simclr_jax.training import loop
 from simclr_jax.training import pretrain_step as train_step_lib
 from simclr_jax.training import state as state_lib
 from simclr_jax.training import workdir as workdir_lib
 
-# Config fields that fix the shapes of the checkpointed state; resuming with
-# any of them changed cannot work.
-_SHAPE_FIELDS = ('model.depth', 'model.width_multiplier', 'model.sk_ratio',
-                 'model.stem', 'model.num_proj_layers', 'model.proj_out_dim',
-                 'model.linear_eval_while_pretraining', 'optim.name',
-                 'dataset.name', 'method')
 NonFiniteError = loop.NonFiniteError
 prepare_workdir = workdir_lib.prepare_workdir
 
@@ -65,8 +60,7 @@ def check_resume_compatible(workdir: str, config: ml_collections.ConfigDict
                             ) -> None:
   """Stops a resume whose config would not fit the checkpointed state."""
   workdir_lib.check_and_record(
-      workdir, config,
-      _SHAPE_FIELDS + methods.resume_shape_fields(config))
+      workdir, config, defaults.resume_fields(config, 'pretrain'))
 
 
 def _data_position(setup: Setup, step: int) -> dict:
@@ -75,35 +69,18 @@ def _data_position(setup: Setup, step: int) -> dict:
           'seed': setup.config.seed, 'dataset': setup.config.dataset.name}
 
 
-def _fit_batch_to_memory(config: ml_collections.ConfigDict,
-                         num_devices: int) -> bool:
-  """config.max_batch_per_device: turns on gradient caching when needed
-  (returns whether it did)."""
-  limit = config.get('max_batch_per_device', 0)
-  if config.get('grad_cache_chunks', 0) or not limit:
-    return False
-  per_device = int(config.batch_size) // max(1, num_devices)
-  chunks = grad_cache.chunks_for(per_device, limit)
-  if chunks:
-    config.grad_cache_chunks = chunks
-    logging.info('Per-device batch %d > max_batch_per_device %d: gradient '
-                 'caching in %d chunks of %d images per device.', per_device,
-                 limit, chunks, per_device // chunks)
-  return bool(chunks)
-
-
 def build(config: ml_collections.ConfigDict, mesh=None) -> Setup:
-  """Validates the config and builds model, optimiser and schedule."""
+  """Resolves the config (once) and builds model, optimiser and schedule.
+
+  Setup.config is the resolved config (config/resolve.py): the one the run
+  records and every later stage reads.
+  """
   from simclr_jax.data import datasets  # pylint: disable=g-import-not-at-top
   from simclr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 
   mesh = parallel.make_mesh() if mesh is None else mesh
-  validate = lambda: config_validation.validate(
-      config, num_devices=mesh.devices.size,
-      process_count=jax.process_count())
-  validate()
-  if _fit_batch_to_memory(config, mesh.devices.size):
-    validate()  # The chunk count it chose, with the method and the mesh.
+  config = config_resolve.resolve(config, num_devices=mesh.devices.size,
+                                  process_count=jax.process_count())
   info = datasets.dataset_info(config)
   steps_per_epoch = pipeline.steps_per_epoch(config, info)
   if steps_per_epoch <= 0:
@@ -145,8 +122,7 @@ def initial_state(setup: Setup) -> state_lib.TrainState:
 
 def _knn_hook(setup: Setup, workdir: str):
   """The loop's after_step hook for the kNN monitor, or None if it is off."""
-  if not knn_monitor.every_steps(setup.config.eval.eval_every_epochs,
-                                 setup.steps_per_epoch):
+  if not knn_monitor.interval(setup.config, setup.steps_per_epoch):
     return None  # Off: read no evaluation dataset at start-up.
   ec, labelled = probe_dataset(setup)
   if not labelled:
@@ -166,22 +142,20 @@ def _knn_hook(setup: Setup, workdir: str):
 def _host_update_hook(setup: Setup):
   """The loop's before_step hook from `method.host_update`, or None.
 
-  The train split is read (eval preprocessing) on the first call only.
+  Each call streams the train split (eval preprocessing) through the
+  encoder and keeps only its features.
   """
   method = setup.method
   if type(method).host_update is methods.Method.host_update:
     return None
-  from simclr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   c = setup.config
   apply = readout.feature_fn(setup.model)
 
-  @functools.cache
-  def train_split():
-    return pipeline.load_eval_arrays(c, c.dataset.train_split)
-
   def featurize(variables):
-    return readout.featurize(apply, variables, (train_split(),),
-                             c.eval.batch_size, setup.mesh)[0]
+    # Streamed in split order: row i is example i of the train split.
+    return readout.featurize_split(apply, variables, c, c.dataset.train_split,
+                                   batch_size=c.eval.batch_size,
+                                   mesh=setup.mesh)[0]
 
   context = methods.HostContext(
       config=c, mesh=setup.mesh, model=setup.model,
@@ -207,8 +181,11 @@ def loop_spec(setup: Setup, workdir: str,
       name='pretrain', step_fn=make_step(setup), batches=batches,
       total_steps=setup.total_steps, steps_per_epoch=setup.steps_per_epoch,
       batch_size=c.batch_size, rng=setup.step_rng, mesh=setup.mesh,
-      on_nan=c.on_nan, log_every_steps=c.log_every_steps,
-      checkpoint_every_steps=c.checkpoint_every_steps,
+      on_nan=c.on_nan,
+      log_every_steps=durations.steps(c, 'log_every', setup.steps_per_epoch,
+                                      minimum=1),
+      checkpoint_every_steps=durations.steps(
+          c, 'checkpoint_every', setup.steps_per_epoch, minimum=1),
       keep_checkpoints=c.keep_checkpoints, prefetch=c.dataset.prefetch,
       accuracy_key='contrastive_acc',
       position=functools.partial(_data_position, setup),
@@ -229,6 +206,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str,
   """
   t_start = time.time()
   setup = setup or build(config)
+  config = setup.config  # Resolved: what the workdir records.
   workdir_lib.prepare_workdir(workdir)
   check_resume_compatible(workdir, config)
   input_stats = {}  # The stream counts corrupt images it skipped here.
@@ -255,16 +233,59 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str,
   }
 
 
+# Batches of eval.batch_size training images that re-estimate the BN
+# statistics of the random-init baseline: a fixed number, whatever the size
+# of the split. With BN momentum 0.9 the initial (0, 1) statistics keep
+# 0.9^50 < 1% of their weight after them.
+RANDOM_INIT_BN_BATCHES = 50
+
+
+def _cycled_batches(config: ml_collections.ConfigDict, split: str,
+                    batch_size: int, count: int) -> Iterator[np.ndarray]:
+  """`count` batches of exactly `batch_size` eval images of a split.
+
+  The split's stream is re-cut into equal batches (one shape, one
+  compilation; no ragged last batch with noisy statistics) and read again
+  from the start when it ends before `count` batches, so small splits such
+  as digits contribute every image. Only one batch and one chunk are held.
+  """
+  from simclr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  pending, rows, made = [], 0, 0
+  while made < count:
+    empty = True
+    for x, _ in pipeline.eval_batches(config, split, batch_size):
+      empty = empty and not len(x)
+      pending.append(np.asarray(x))
+      rows += len(x)
+      while rows >= batch_size and made < count:
+        joined = np.concatenate(pending)
+        yield joined[:batch_size]
+        pending, rows, made = [joined[batch_size:]], rows - batch_size, made + 1
+      if made >= count:
+        return
+    if empty:
+      raise ValueError(f'split {split!r} has no images for the BN statistics')
+
+
 def recalibrate_batch_stats(setup: Setup, variables: dict,
-                            images: np.ndarray, passes: int = 20) -> dict:
-  """BN running statistics re-estimated on `images` (state_lib's rule).
+                            config: ml_collections.ConfigDict | None = None,
+                            batches: int = RANDOM_INIT_BN_BATCHES) -> dict:
+  """BN running statistics re-estimated on `batches` train-split batches.
 
   Used for the random-init baseline: its running averages are still the
-  initial (0, 1), which would make a fair network look broken.
+  initial (0, 1), which would make a fair network look broken. The images
+  are `config`'s (default the run's) train split, streamed in split order:
+  a bounded cost on any dataset, at most eval.batch_size images in memory.
   """
-  return state_lib.recalibrate_batch_stats(
-      setup.model, variables, images, batch_size=setup.config.eval.batch_size,
-      num_devices=setup.mesh.devices.size, passes=passes)
+  from simclr_jax.data import datasets  # pylint: disable=g-import-not-at-top
+  c = setup.config if config is None else config
+  split = c.dataset.train_split
+  devices = setup.mesh.devices.size
+  bs = min(setup.config.eval.batch_size,
+           datasets.source_for(c).split_size(split))
+  bs = max(devices, bs // devices * devices)
+  return state_lib.batch_stats_from_batches(
+      setup.model, variables, _cycled_batches(c, split, bs, batches))
 
 
 def probe_dataset(setup: Setup) -> tuple[ml_collections.ConfigDict, bool]:
@@ -279,9 +300,11 @@ def evaluate_encoder(setup: Setup, state: state_lib.TrainState) -> dict:
   """Frozen-feature probes, few-shot probes and kNN, pretrained vs random.
 
   The random-init baseline is the exact network pretraining started from
-  (same seed), with BN statistics re-estimated on the training images.
+  (same seed), with BN statistics re-estimated on RANDOM_INIT_BN_BATCHES
+  batches of training images. Host memory holds the splits' features and
+  at most one batch of images; the pixel baseline at most
+  readout.PIXEL_MAX_EXAMPLES flattened images per split.
   """
-  from simclr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   c = setup.config
   ec, labelled = probe_dataset(setup)
   if not labelled:
@@ -290,23 +313,36 @@ def evaluate_encoder(setup: Setup, state: state_lib.TrainState) -> dict:
            '.train_split, .eval_split) to probe on a labelled dataset')
     logging.warning('%s.', why)
     return {'probes_skipped': why}
-  train = pipeline.load_eval_arrays(ec, ec.dataset.train_split)
-  test = pipeline.load_eval_arrays(ec, ec.dataset.eval_split)
   apply = readout.feature_fn(setup.model)
   t0 = time.time()
-  probe = functools.partial(readout.evaluate_frozen, apply, train=train,
-                            test=test, eval_config=c.eval, seed=c.seed,
-                            mesh=setup.mesh)
+
+  def probe(variables: dict) -> dict:
+    # Streamed: only the features of each split are held, never its images.
+    train, test = (readout.featurize_split(
+        apply, variables, ec, split, batch_size=c.eval.batch_size,
+        mesh=setup.mesh) for split in (ec.dataset.train_split,
+                                       ec.dataset.eval_split))
+    return readout.evaluate_frozen(train, test, eval_config=c.eval,
+                                   seed=c.seed, mesh=setup.mesh)
+
   results = probe(state_lib.variables_of(state))
   if c.eval.probe_random_init:
     init = jax.device_get(initial_state(setup))
-    rand = probe(recalibrate_batch_stats(
-        setup, state_lib.variables_of(init), train[0]))
+    rand = probe(recalibrate_batch_stats(setup, state_lib.variables_of(init),
+                                         ec))
     # The README's results.json names: random_init_probe_accuracy for the
     # all-label probe, random_init_fewshot_probe_accuracy, ...
     results.update(readout.prefixed('random_init_', rand))
+    results['random_init_bn_batches'] = RANDOM_INIT_BN_BATCHES
   if c.eval.probe_pixels:
+    # A seeded subsample of each split beyond PIXEL_MAX_EXAMPLES images.
+    pixels = [readout.sample_pixels(
+        ec, split, max_examples=readout.PIXEL_MAX_EXAMPLES, seed=c.seed,
+        batch_size=c.eval.batch_size)
+              for split in (ec.dataset.train_split, ec.dataset.eval_split)]
     results.update(readout.prefixed('pixel_', readout.evaluate_pixels(
-        train, test, eval_config=c.eval, seed=c.seed)))
+        *pixels, eval_config=c.eval, seed=c.seed, mesh=setup.mesh)))
+    results['pixel_train_examples'] = len(pixels[0][1])
+    results['pixel_test_examples'] = len(pixels[1][1])
   results['eval_wall_time_s'] = time.time() - t0
   return results
