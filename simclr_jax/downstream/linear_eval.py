@@ -14,7 +14,6 @@ import ml_collections
 
 from simclr_jax.config import downstream as dcfg
 from simclr_jax.data import datasets
-from simclr_jax.data import pipeline
 from simclr_jax.downstream import common
 from simclr_jax.evaluation import readout
 from simclr_jax.models import classifier
@@ -55,14 +54,21 @@ def run_linear_eval(config: ml_collections.ConfigDict, workdir: str, *,
 
 
 def _fast_probe(config, model, variables) -> dict:
-  """The main job's read-outs (evaluation.evaluate_features) of h."""
+  """The main job's read-outs (evaluation.evaluate_features) of h.
+
+  Features are taken from the streamed splits (at most
+  linear_eval.probe_max_examples each), never from whole image arrays.
+  """
   limit = config.linear_eval.probe_max_examples or None
-  train, test = (pipeline.load_eval_arrays(config, split, max_examples=limit)
+  mesh = parallel.make_mesh()
+  apply = readout.feature_fn(model)
+  t0 = time.time()
+  train, test = (readout.featurize_split(
+      apply, variables, config, split, batch_size=config.eval.batch_size,
+      mesh=mesh, max_examples=limit)
                  for split in (config.dataset.train_split,
                                config.dataset.eval_split))
-  t0 = time.time()
-  out = readout.evaluate_frozen(
-      readout.feature_fn(model), variables, train, test,
-      eval_config=config.eval, seed=config.seed, mesh=parallel.make_mesh())
+  out = readout.evaluate_frozen(train, test, eval_config=config.eval,
+                                seed=config.seed, mesh=mesh)
   out['wall_time_s'] = time.time() - t0
   return out

@@ -8,13 +8,14 @@ datasets such as digits the all-label probe is near its ceiling even at random
 init and only the comparison shows what pretraining bought.
 """
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from simclr_jax.data.sampling import fewshot_indices
 from simclr_jax.data.sampling import stratified_fraction
 from simclr_jax.evaluation.features import extract_features
+from simclr_jax.evaluation.features import extract_features_stream
 from simclr_jax.evaluation.knn import knn_accuracy
 from simclr_jax.evaluation.knn import knn_predict
 from simclr_jax.evaluation.probe import fewshot_probe_accuracy
@@ -23,6 +24,7 @@ from simclr_jax.evaluation.probe import linear_probe_accuracy
 __all__ = [
     'evaluate_features',
     'extract_features',
+    'extract_features_stream',
     'fewshot_indices',
     'fewshot_probe_accuracy',
     'knn_accuracy',
@@ -39,7 +41,8 @@ def evaluate_features(train_x: np.ndarray, train_y: np.ndarray,
                       shots: Sequence[int] = (1, 5, 10),
                       draws: int = 10,
                       seed: int = 0,
-                      num_classes: int | None = None) -> dict:
+                      num_classes: int | None = None,
+                      mesh: Any = None) -> dict:
   """All three read-outs of one set of frozen features.
 
   Args:
@@ -55,6 +58,8 @@ def evaluate_features(train_x: np.ndarray, train_y: np.ndarray,
       value for the pretrained and the random-init encoder so both see the
       same labelled examples.
     num_classes: kNN vote width; inferred from the labels when None.
+    mesh: mesh whose 'data' axis the kNN shards the training features over
+      (default: all devices).
 
   Returns:
     {'linear_probe_accuracy': float,
@@ -73,5 +78,5 @@ def evaluate_features(train_x: np.ndarray, train_y: np.ndarray,
           seed=seed),
       'knn_accuracy': knn_accuracy(
           train_x, train_y, test_x, test_y, num_classes, k=knn_k,
-          temperature=knn_temperature),
+          temperature=knn_temperature, mesh=mesh),
   }

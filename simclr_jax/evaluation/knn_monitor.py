@@ -1,12 +1,12 @@
 """kNN monitor: representation quality during pretraining, cheaply.
 
-Every `config.eval.eval_every_epochs` epochs the pretraining loop featurises
-the (evaluation-preprocessed) training and test splits with the current
-encoder and scores the weighted kNN classifier of InstDisc on L2-normalised
-features (k 200 CIFAR / 20 ImageNet, temperature 0.1;
-docs/algorithms.md#knn-monitor). Unlike a linear probe it needs no training,
-so it can run every few epochs and shows when a run stops improving or
-collapses.
+Every `config.eval.eval_every_steps` steps or `eval_every_epochs` epochs
+(config/durations.py) the pretraining loop featurises the
+(evaluation-preprocessed, streamed) training and test splits with the current encoder
+and scores the weighted kNN classifier of InstDisc on L2-normalised features
+(k 200 CIFAR / 20 ImageNet, temperature 0.1; docs/algorithms.md#knn-monitor).
+Unlike a linear probe it needs no training, so it can run every few epochs and
+shows when a run stops improving or collapses.
 
 Each measurement is appended to workdir/knn_monitor.jsonl (process 0), so the
 history survives preemption and a resumed run reports all of it in
@@ -20,21 +20,27 @@ import os
 from typing import Any
 
 import jax
-import numpy as np
 from absl import logging
 from etils import epath
 
+from simclr_jax.config import durations
 from simclr_jax.evaluation import readout
 from simclr_jax.runtime import paths
 
 _FILE = 'knn_monitor.jsonl'
 
 
-def every_steps(eval_every_epochs: float, steps_per_epoch: int) -> int:
+def every_steps(eval_every_epochs: float, steps_per_epoch: float,
+                eval_every_steps: int = 0) -> int:
   """Steps between measurements; 0 when the monitor is off."""
-  if not eval_every_epochs or eval_every_epochs <= 0:
-    return 0
-  return max(1, round(eval_every_epochs * steps_per_epoch))
+  return durations.resolve(eval_every_steps, eval_every_epochs,
+                           steps_per_epoch, minimum=1)
+
+
+def interval(config: Any, steps_per_epoch: float) -> int:
+  """`every_steps` of a config (its eval section's two fields)."""
+  return durations.steps(config.eval, 'eval_every', steps_per_epoch,
+                         minimum=1)
 
 
 def read_history(workdir: str) -> list[dict[str, Any]]:
@@ -58,32 +64,34 @@ class KnnMonitor:
   def __init__(self, setup: Any, workdir: str,
                eval_config: Any | None = None):
     """eval_config: whose dataset to score on (default the run's)."""
-    from simclr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     c = setup.config if eval_config is None else eval_config
     self._config = c
     self._setup = setup
     self._workdir = workdir
-    self.every = every_steps(c.eval.eval_every_epochs, setup.steps_per_epoch)
-    self._arrays = None
+    self.every = interval(c, setup.steps_per_epoch)
     self._limit = int(c.eval.monitor_max_examples) or None
-    self._load = lambda split: pipeline.load_eval_arrays(
-        c, split, max_examples=self._limit)
     self._apply = readout.feature_fn(setup.model)
 
   def due(self, step: int, total_steps: int) -> bool:
     """Whether to measure after `step` (the final step is the full eval's)."""
     return bool(self.every) and step % self.every == 0 and step < total_steps
 
+  def _features(self, variables: Any, split: str) -> readout.Labelled:
+    """Features of a (capped) split, streamed: no images are kept between
+    measurements, only this measurement's features."""
+    return readout.featurize_split(
+        self._apply, variables, self._config, split,
+        batch_size=self._config.eval.batch_size, mesh=self._setup.mesh,
+        max_examples=self._limit)
+
   def measure(self, step: int, variables: Any) -> float:
     """kNN top-1 on the test split; logs it and appends it to the history."""
     c = self._config
-    if self._arrays is None:  # Loaded once, on first use.
-      self._arrays = (self._load(c.dataset.train_split),
-                      self._load(c.dataset.eval_split))
+    train = self._features(variables, c.dataset.train_split)
+    test = self._features(variables, c.dataset.eval_split)
     accuracy = readout.knn_frozen(
-        self._apply, variables, *self._arrays, eval_config=c.eval,
-        num_classes=int(max(self._arrays[0][1].max(),
-                            self._arrays[1][1].max())) + 1,
+        train, test, eval_config=c.eval,
+        num_classes=int(max(train[1].max(), test[1].max())) + 1,
         mesh=self._setup.mesh)
     epoch = step / self._setup.steps_per_epoch
     logging.info('kNN monitor at step %d (epoch %.2f): top-1 %.4f', step,

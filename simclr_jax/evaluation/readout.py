@@ -1,9 +1,15 @@
 """Featurise a train and a test split with a frozen network, then read out.
 
-The one path from (network, variables, images) to the probe/few-shot/kNN
+The one path from (network, variables, split) to the probe/few-shot/kNN
 numbers: the main job's evaluation (pretrained and random-init encoder), the
 kNN monitor during pretraining and linear_eval's fast probes all use it, so
 the same images always go through the same extraction.
+
+Splits are read as a stream of bounded chunks (data.pipeline.eval_batches)
+and only their features are kept: host memory grows with the features of a
+split, never with its images (ImageNet's 1.28M training images would be
+~600 GB as float32), and the kNN shards the training features over the
+devices.
 """
 
 from typing import Any, Callable
@@ -15,7 +21,13 @@ import numpy as np
 from simclr_jax.evaluation import features as features_lib
 from simclr_jax.evaluation import knn as knn_lib
 
-Arrays = tuple[np.ndarray, np.ndarray]  # (images, labels)
+Labelled = tuple[np.ndarray, np.ndarray]  # (features or images, labels)
+
+# Images per split the pixel baseline reads out at most: a seeded subsample
+# beyond that, so the flattened pixels stay small on big datasets (10k
+# ImageNet images at 224 px are 6 GB) while digits (1437 train, 360 test)
+# is read whole.
+PIXEL_MAX_EXAMPLES = 10_000
 
 
 def feature_fn(model: Any, output: str = 'features') -> Callable:
@@ -27,35 +39,74 @@ def feature_fn(model: Any, output: str = 'features') -> Callable:
   return jax.jit(lambda v, x: model.apply(v, x, train=False)[output])
 
 
-def featurize(apply: Callable, variables: Any, splits: tuple[Arrays, ...],
-              batch_size: int, mesh: Any) -> tuple[np.ndarray, ...]:
-  """Features of each split's images, in order."""
-  return tuple(features_lib.extract_features(apply, x, batch_size, mesh,
-                                             variables=variables)
-               for x, _ in splits)
+def featurize_split(apply: Callable, variables: Any,
+                    config: ml_collections.ConfigDict, split: str, *,
+                    batch_size: int, mesh: Any,
+                    max_examples: int | None = None) -> Labelled:
+  """(features, labels) of a split, read batch_size images at a time.
+
+  The images come from data.pipeline.eval_batches in split order, so row i
+  of the features is example i of the split (what methods featurising the
+  train split index by).
+  """
+  from simclr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  size = int(config.dataset.image_size)
+  chunks = pipeline.eval_batches(config, split, batch_size,
+                                 max_examples=max_examples)
+  features, labels = features_lib.extract_features_stream(
+      apply, chunks, batch_size, mesh, variables=variables,
+      example_shape=(size, size, 3))
+  return features, labels
 
 
-def evaluate_frozen(apply: Callable, variables: Any, train: Arrays,
-                    test: Arrays, *, eval_config: ml_collections.ConfigDict,
-                    seed: int, mesh: Any) -> dict:
-  """All-label probe, few-shot probes and kNN of frozen features."""
+def evaluate_frozen(train: Labelled, test: Labelled, *,
+                    eval_config: ml_collections.ConfigDict, seed: int,
+                    mesh: Any = None) -> dict:
+  """All-label probe, few-shot probes and kNN of frozen (features, labels)."""
   from simclr_jax import evaluation  # pylint: disable=g-import-not-at-top
-  f_train, f_test = featurize(apply, variables, (train, test),
-                              eval_config.batch_size, mesh)
   return evaluation.evaluate_features(
-      f_train, train[1], f_test, test[1], knn_k=eval_config.knn_k,
+      train[0], train[1], test[0], test[1], knn_k=eval_config.knn_k,
       knn_temperature=eval_config.knn_temperature,
       shots=tuple(eval_config.fewshot_shots), draws=eval_config.fewshot_draws,
-      seed=seed)
+      seed=seed, mesh=mesh)
 
 
-def evaluate_pixels(train: Arrays, test: Arrays, *,
-                    eval_config: ml_collections.ConfigDict, seed: int) -> dict:
+def sample_pixels(config: ml_collections.ConfigDict, split: str, *,
+                  max_examples: int, seed: int, batch_size: int) -> Labelled:
+  """Flattened eval images of at most `max_examples` examples of a split.
+
+  A seeded uniform subsample without replacement, kept in split order;
+  the whole split when it is no larger. Only the kept rows are held.
+  """
+  from simclr_jax.data import datasets  # pylint: disable=g-import-not-at-top
+  from simclr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  n = datasets.source_for(config).split_size(split)
+  keep = None
+  if n > max_examples:
+    keep = np.zeros(n, bool)
+    keep[np.random.default_rng(seed).choice(n, max_examples,
+                                            replace=False)] = True
+  xs, ys, start = [], [], 0
+  for x, y in pipeline.eval_batches(config, split, batch_size):
+    rows = slice(None) if keep is None else keep[start:start + len(y)]
+    start += len(y)
+    xs.append(np.asarray(x, np.float32)[rows].reshape(-1, x[0].size))
+    ys.append(np.asarray(y, np.int32)[rows])
+  if not xs:
+    size = int(config.dataset.image_size)
+    return np.zeros((0, size * size * 3), np.float32), np.zeros(0, np.int32)
+  return np.concatenate(xs), np.concatenate(ys)
+
+
+def evaluate_pixels(train: Labelled, test: Labelled, *,
+                    eval_config: ml_collections.ConfigDict, seed: int,
+                    mesh: Any = None) -> dict:
   """The same read-outs of the raw pixels: the baseline to beat.
 
   On small datasets such as digits the flattened images are a strong
   representation already (a logistic probe on 8x8 digits is near 96%), so a
-  pretrained encoder is only worth its cost where it beats them.
+  pretrained encoder is only worth its cost where it beats them. Images are
+  flattened here if they are not already (`sample_pixels` gives them flat).
   """
   from simclr_jax import evaluation  # pylint: disable=g-import-not-at-top
   flat = lambda x: np.asarray(x, np.float32).reshape(len(x), -1)
@@ -63,7 +114,7 @@ def evaluate_pixels(train: Arrays, test: Arrays, *,
       flat(train[0]), train[1], flat(test[0]), test[1],
       knn_k=eval_config.knn_k, knn_temperature=eval_config.knn_temperature,
       shots=tuple(eval_config.fewshot_shots), draws=eval_config.fewshot_draws,
-      seed=seed)
+      seed=seed, mesh=mesh)
 
 
 def prefixed(prefix: str, results: dict) -> dict:
@@ -74,12 +125,11 @@ def prefixed(prefix: str, results: dict) -> dict:
           for k, v in results.items()}
 
 
-def knn_frozen(apply: Callable, variables: Any, train: Arrays, test: Arrays,
-               *, eval_config: ml_collections.ConfigDict, num_classes: int,
+def knn_frozen(train: Labelled, test: Labelled, *,
+               eval_config: ml_collections.ConfigDict, num_classes: int,
                mesh: Any) -> float:
-  """kNN top-1 of frozen features (the pretraining monitor)."""
-  f_train, f_test = featurize(apply, variables, (train, test),
-                              eval_config.batch_size, mesh)
+  """kNN top-1 of frozen (features, labels) (the pretraining monitor)."""
   return float(np.asarray(knn_lib.knn_accuracy(
-      f_train, train[1], f_test, test[1], num_classes=num_classes,
-      k=eval_config.knn_k, temperature=eval_config.knn_temperature)))
+      train[0], train[1], test[0], test[1], num_classes=num_classes,
+      k=eval_config.knn_k, temperature=eval_config.knn_temperature,
+      mesh=mesh)))

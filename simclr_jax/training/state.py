@@ -5,7 +5,7 @@ checkpoint a `TrainState`, so one loop saves, restores and resumes them all,
 and `checkpointing.load_run` reads any of them.
 """
 
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import flax
 import flax.linen as nn
@@ -58,10 +58,29 @@ def recalibrate_batch_stats(model: Any, variables: dict, images: Any, *,
   `passes` shuffled passes (seed 0) of batches of `batch_size` (a multiple
   of the devices); the parameters are untouched. With BN momentum 0.9 a
   pass of 20+ batches already forgets the old statistics to a few percent.
-  Used for the random-init probe baseline and for AdaBN (adapt).
+  Used for AdaBN (adapt), whose target split is held in memory; a split
+  that is only streamed goes through `batch_stats_from_batches`.
   """
   bs = min(batch_size, len(images))
   bs = max(num_devices, bs // num_devices * num_devices)
+
+  def batches() -> Iterator[np.ndarray]:
+    rng = np.random.default_rng(0)
+    for _ in range(passes):
+      idx = rng.permutation(len(images))
+      for i in range(0, len(images) - bs + 1, bs):
+        yield images[idx[i:i + bs]]
+
+  return batch_stats_from_batches(model, variables, batches())
+
+
+def batch_stats_from_batches(model: Any, variables: dict,
+                             batches: Iterable[np.ndarray]) -> dict:
+  """BN running statistics updated by forwarding each batch in train mode.
+
+  The parameters are untouched; one jitted update per batch shape, so the
+  batches should share one shape. Host memory is one batch at a time.
+  """
 
   @jax.jit
   def update(batch_stats, x):
@@ -71,9 +90,6 @@ def recalibrate_batch_stats(model: Any, variables: dict, images: Any, *,
     return new['batch_stats']
 
   batch_stats = variables['batch_stats']
-  rng = np.random.default_rng(0)
-  for _ in range(passes):
-    idx = rng.permutation(len(images))
-    for i in range(0, len(images) - bs + 1, bs):
-      batch_stats = update(batch_stats, jnp.asarray(images[idx[i:i + bs]]))
+  for x in batches:
+    batch_stats = update(batch_stats, jnp.asarray(x))
   return {'params': variables['params'], 'batch_stats': batch_stats}

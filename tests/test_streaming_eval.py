@@ -1,0 +1,159 @@
+"""Evaluation from streamed splits, with the kNN sharded over the devices.
+
+Checks that the bounded-memory path gives what the whole-array path gave:
+the sharded kNN against one device and a NumPy double loop (ties included),
+streamed features against featurising the whole array, and the main job's
+evaluation never asking the data for more than one batch of images.
+"""
+
+import jax
+import numpy as np
+import pytest
+
+from simclr_jax import evaluation
+from simclr_jax.config import defaults
+from simclr_jax.data import pipeline
+from simclr_jax.evaluation import readout
+from simclr_jax.runtime import parallel
+from simclr_jax.training import pretrain
+from simclr_jax.training import state as state_lib
+
+needs_8 = pytest.mark.skipif(
+    jax.device_count() < 8,
+    reason='needs --xla_force_host_platform_device_count=8')
+
+
+def _numpy_knn(train_x, train_y, test_x, num_classes, k, temperature):
+  """Float64 kNN; equal similarities rank by row (stable sort), as in
+  lax.top_k; vote ties go to the lowest class."""
+  a = train_x / np.linalg.norm(train_x, axis=1, keepdims=True)
+  b = test_x / np.linalg.norm(test_x, axis=1, keepdims=True)
+  out = []
+  for q in b:
+    sims = (a.astype(np.float32) @ q.astype(np.float32)).astype(np.float64)
+    order = np.argsort(-sims, kind='stable')[:min(k, len(a))]
+    votes = np.zeros(num_classes)
+    for j in order:
+      votes[train_y[j]] += np.exp((sims[j] - sims[order[0]]) / temperature)
+    out.append(int(np.argmax(votes)))
+  return np.array(out)
+
+
+@needs_8
+@pytest.mark.parametrize('n_train,k', [(37, 20), (64, 7), (101, 1000)])
+def test_sharded_knn_equals_one_device_and_numpy_with_ties(n_train, k):
+  rng = np.random.default_rng(n_train)
+  # Few distinct rows, each repeated with different labels: many exact
+  # similarity ties, so the winner depends on the tie-break by row.
+  distinct = rng.normal(size=(6, 5)).astype(np.float32)
+  train_x = distinct[rng.integers(0, 6, n_train)]
+  train_y = rng.integers(0, 4, n_train)
+  test_x = np.concatenate([distinct, rng.normal(size=(19, 5))]
+                          ).astype(np.float32)
+  one = evaluation.knn_predict(train_x, train_y, test_x, 4, k=k,
+                               temperature=0.1, batch_size=8,
+                               mesh=parallel.make_mesh(jax.devices()[:1]))
+  eight = evaluation.knn_predict(train_x, train_y, test_x, 4, k=k,
+                                 temperature=0.1, batch_size=8,
+                                 mesh=parallel.make_mesh(jax.devices()[:8]))
+  np.testing.assert_array_equal(eight, one)
+  np.testing.assert_array_equal(
+      eight, _numpy_knn(train_x, train_y, test_x, 4, k, 0.1))
+
+
+def _digits_config():
+  c = defaults.base_config()
+  c.dataset.name = 'digits'
+  c.dataset.image_size = 16
+  c.model.depth = 18
+  c.model.width_multiplier = 0.125
+  c.model.proj_out_dim = 16
+  c.batch_size = 64
+  c.train_steps = 1
+  c.eval.batch_size = 64
+  c.eval.knn_k = 7
+  c.eval.fewshot_shots = (1,)
+  c.eval.fewshot_draws = 1
+  return c
+
+
+@pytest.fixture(scope='module')
+def digits_setup():
+  setup = pretrain.build(_digits_config())
+  variables = jax.device_get(state_lib.variables_of(
+      pretrain.initial_state(setup)))
+  return setup, variables
+
+
+class _ChunkCounter:
+  """Wraps pipeline.eval_batches, recording the largest chunk it yields."""
+
+  def __init__(self, monkeypatch):
+    self.largest = 0
+    self.requested = []
+    inner = pipeline.eval_batches
+
+    def counted(config, split, batch_size, **kw):
+      self.requested.append(batch_size)
+      for x, y in inner(config, split, batch_size, **kw):
+        self.largest = max(self.largest, len(x))
+        yield x, y
+
+    monkeypatch.setattr(pipeline, 'eval_batches', counted)
+
+
+@needs_8
+def test_streamed_features_equal_whole_array(digits_setup, monkeypatch):
+  setup, variables = digits_setup
+  c = setup.config
+  apply = readout.feature_fn(setup.model)
+  images, labels = pipeline.load_eval_arrays(c, 'test', max_examples=100)
+  whole = evaluation.extract_features(apply, images, 128, setup.mesh,
+                                      variables=variables)
+  counter = _ChunkCounter(monkeypatch)
+  # 24 rows a chunk: 100 = 4 x 24 + 4, and 24 is a multiple of 8 devices.
+  features, got_labels = readout.featurize_split(
+      apply, variables, c, 'test', batch_size=24, mesh=setup.mesh,
+      max_examples=100)
+  np.testing.assert_allclose(features, whole, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(got_labels, labels)
+  assert counter.largest <= 24
+
+
+def test_pixel_sample_is_seeded_subset_in_split_order():
+  c = _digits_config()
+  images, labels = pipeline.load_eval_arrays(c, 'train')
+  flat = images.reshape(len(images), -1)
+  whole = readout.sample_pixels(c, 'train', max_examples=5000, seed=0,
+                                batch_size=100)
+  np.testing.assert_array_equal(whole[0], flat)
+  np.testing.assert_array_equal(whole[1], labels)
+  part = readout.sample_pixels(c, 'train', max_examples=50, seed=3,
+                               batch_size=100)
+  again = readout.sample_pixels(c, 'train', max_examples=50, seed=3,
+                                batch_size=64)
+  np.testing.assert_array_equal(part[0], again[0])
+  rows = [np.flatnonzero((flat == r).all(axis=1))[0] for r in part[0]]
+  assert len(set(rows)) == 50 and rows == sorted(rows)
+  np.testing.assert_array_equal(part[1], labels[rows])
+
+
+def test_evaluate_encoder_reads_one_batch_at_a_time(digits_setup,
+                                                    monkeypatch):
+  setup, _ = digits_setup
+
+  def whole_split(*args, **kwargs):
+    raise AssertionError('evaluation must not load a whole split')
+
+  monkeypatch.setattr(pipeline, 'load_eval_arrays', whole_split)
+  counter = _ChunkCounter(monkeypatch)
+  state = pretrain.initial_state(setup)
+  results = pretrain.evaluate_encoder(setup, state)
+  assert counter.largest <= setup.config.eval.batch_size
+  assert set(counter.requested) == {setup.config.eval.batch_size}
+  assert results['pixel_train_examples'] == 1437
+  assert results['pixel_test_examples'] == 360
+  assert results['random_init_bn_batches'] == pretrain.RANDOM_INIT_BN_BATCHES
+  for key in ('linear_probe_accuracy', 'knn_accuracy',
+              'random_init_probe_accuracy', 'pixel_knn_accuracy'):
+    assert 0.0 <= results[key] <= 1.0, key
