@@ -14,7 +14,9 @@
 # Environment: NUM_PROCESSES (2), DEVICES_PER_PROCESS (4), PORT (a free one),
 # PYTHON (python). Process 0's log goes to the terminal and to
 # WORKDIR/logs/process_0.log, the others' to WORKDIR/logs/process_<i>.log.
-# Exit status: the first non-zero one among the processes, else 0.
+# Exit status: the first non-zero one among the processes, else 0. A process
+# that dies makes the others exit 1 within --peer_timeout (default 60 s), so
+# the script never waits on a hung job.
 # Re-running the same command resumes from the last checkpoint.
 set -euo pipefail
 usage='usage: launch/multiprocess_cpu.sh CONFIG WORKDIR [flags...]'

@@ -13,10 +13,15 @@ Why a wrapper rather than a bare `jax.distributed.initialize`:
 - Multi-process CPU runs (the localhost test setup, launch/multiprocess_cpu.sh)
   need a cross-process collectives implementation for the CPU backend; this
   module pins gloo (TCP) unless the user chose one.
+- A process that dies mid-run (SIGKILL, OOM, a lost host) would leave the
+  others blocked in collectives, or ended by JAX's heartbeat check with a
+  native abort. `_PeerWatch` ends them first, within `--peer_timeout`, with
+  one line naming the process that went silent.
 - Non-zero processes log warnings and errors only, so a job's log is one
   process's narrative rather than N interleaved copies.
 """
 
+import inspect
 import os
 import socket
 import sys
@@ -29,6 +34,9 @@ import jax
 # Exit status of a process that gave up joining the job (main.py uses 2 for
 # bad configs and inputs; this is the environment, not the config).
 EXIT_INIT_TIMEOUT = 1
+# Exit status of a process whose peer died mid-run (the job cannot go on; a
+# re-run resumes from the last checkpoint). Also the environment.
+EXIT_PEER_LOST = 1
 # The C++ deadline is set this much later than the watchdog's, so the
 # watchdog's one-line message always wins the race against the native abort.
 _NATIVE_DEADLINE_GRACE_S = 30
@@ -112,6 +120,106 @@ class _Watchdog:
     os._exit(EXIT_INIT_TIMEOUT)  # pylint: disable=protected-access
 
 
+class _PeerWatch:
+  """Ends this process with one line when another process of the job dies.
+
+  A process killed mid-run (SIGKILL, the OOM killer, a lost host) leaves the
+  others blocked in a collective that cannot finish. JAX's coordination
+  service notices the missing heartbeats, but ends every survivor with
+  LOG(FATAL): SIGABRT, a native and a Python stack trace, which on a pod
+  reads like a crash of every host; and its callback for this event cannot
+  be set from Python. So each process also keeps a heartbeat of its own in
+  the job's key-value store (a counter it bumps every `interval_s`) and
+  watches everyone else's: a peer whose counter has not moved for
+  `timeout_s` by this process's clock, or a coordinator that has not
+  answered for as long, ends this process with one `error:` line and
+  EXIT_PEER_LOST. JAX's own heartbeat deadline is set
+  _NATIVE_DEADLINE_GRACE_S later, as a backstop.
+
+  A daemon thread, so it never delays a normal exit; it keeps running
+  through JAX's shutdown barrier, where a process that finished waits for
+  the others, so a peer that dies then is caught too. os._exit because the
+  main thread may be blocked in a collective that will never finish.
+  """
+
+  _PREFIX = 'simclr_jax/peer_heartbeat/'
+
+  def __init__(self, client, timeout_s: float, coordinator_address: str):
+    self._client = client
+    self._timeout_s = timeout_s
+    self._interval_s = min(5.0, max(0.5, timeout_s / 5))
+    self._coordinator = coordinator_address
+    self._me = jax.process_index()
+    self._count = jax.process_count()
+    self._thread = threading.Thread(target=self._run, daemon=True,
+                                    name='peer-watch')
+
+  def start(self) -> None:
+    self._thread.start()
+
+  def _fail(self, message: str) -> None:
+    sys.stderr.write(
+        f'error: process {self._me} of {self._count} is stopping: {message}; '
+        f'the job cannot continue without it (--peer_timeout='
+        f'{self._timeout_s:g} s). Re-run the same command on every host to '
+        'resume from the last checkpoint\n')
+    sys.stderr.flush()
+    os._exit(EXIT_PEER_LOST)  # pylint: disable=protected-access
+
+  def _run(self) -> None:
+    beat = 0
+    last_ok = time.monotonic()
+    # Per peer: (its last counter, when it last changed, by our clock).
+    seen = {}
+    while True:
+      now = time.monotonic()
+      beat += 1
+      try:
+        self._client.key_value_set(f'{self._PREFIX}{self._me}', str(beat),
+                                   allow_overwrite=True)
+        entries = self._client.key_value_dir_get(self._PREFIX)
+        last_ok = now
+      except Exception:  # pylint: disable=broad-except
+        if now - last_ok > self._timeout_s:
+          self._fail(f'the coordinator (process 0 at {self._coordinator}) '
+                     f'has not answered for {now - last_ok:.0f} s; process 0 '
+                     'died or its host was lost')
+        time.sleep(self._interval_s)
+        continue
+      for key, value in entries:
+        peer = key.rsplit('/', 1)[-1]
+        if peer == str(self._me):
+          continue
+        old = seen.get(peer)
+        if old is None or old[0] != value:
+          seen[peer] = (value, now)
+      for peer in range(self._count):
+        if peer == self._me:
+          continue
+        # A peer not yet heard from counts from the watch's start.
+        value, since = seen.setdefault(str(peer), (None, now))
+        silent = now - since
+        if silent > self._timeout_s:
+          self._fail(f'process {peer} stopped responding {silent:.0f} s ago '
+                     '(killed, out of memory, or its host was lost)')
+      time.sleep(self._interval_s)
+
+
+def _watch_peers(timeout_s: float, coordinator_address: str | None) -> None:
+  """Starts `_PeerWatch` on the client jax.distributed.initialize made."""
+  try:
+    from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+    client = jax_distributed.global_state.client
+  except (ImportError, AttributeError):
+    client = None
+  if client is None or not hasattr(client, 'key_value_dir_get'):
+    logging.warning('No key-value store on this JAX version: a dead process '
+                    'ends the job through JAX\'s own heartbeat check only.')
+    return
+  _PeerWatch(client, timeout_s,
+             coordinator_address or 'the auto-detected address').start()
+
+
 def _use_gloo_on_cpu() -> None:
   """Picks gloo for cross-process collectives of the CPU backend.
 
@@ -138,7 +246,8 @@ def initialize(coordinator_address: str | None = None,
                num_processes: int | None = None,
                process_id: int | None = None,
                auto: bool = False,
-               timeout_s: float = 300) -> bool:
+               timeout_s: float = 300,
+               peer_timeout_s: float = 60) -> bool:
   """Joins the job if the flags ask for one; returns whether it did.
 
   Args:
@@ -150,6 +259,9 @@ def initialize(coordinator_address: str | None = None,
     timeout_s: how long to wait for the coordinator and all peers. After it,
       the process exits with status EXIT_INIT_TIMEOUT and one line on
       stderr (see module docstring).
+    peer_timeout_s: how long the job runs on after a process stops sending
+      heartbeats (killed, out of memory, host lost) before every survivor
+      exits non-zero with one line; see `_PeerWatch`.
 
   Returns:
     False for a single-process run (no flags): nothing is initialised.
@@ -165,6 +277,9 @@ def initialize(coordinator_address: str | None = None,
   if timeout_s <= 0:
     raise InitializationError(
         f'--initialization_timeout={timeout_s:g} must be > 0 seconds')
+  if peer_timeout_s < 1:
+    raise InitializationError(
+        f'--peer_timeout={peer_timeout_s:g} must be >= 1 second')
   if explicit:
     missing = [name for name, v in (('--coordinator_address',
                                      coordinator_address),
@@ -192,6 +307,10 @@ def initialize(coordinator_address: str | None = None,
   with _Watchdog(timeout_s, lambda: _timeout_message(
       coordinator_address, num_processes, process_id, timeout_s)):
     try:
+      if 'heartbeat_timeout_seconds' in inspect.signature(
+          jax.distributed.initialize).parameters:  # JAX >= 0.7.
+        kwargs['heartbeat_timeout_seconds'] = (int(peer_timeout_s)
+                                               + _NATIVE_DEADLINE_GRACE_S)
       jax.distributed.initialize(initialization_timeout=native_timeout,
                                  **kwargs)
     except (ValueError, RuntimeError) as e:
@@ -201,6 +320,8 @@ def initialize(coordinator_address: str | None = None,
       raise InitializationError(
           f'jax.distributed.initialize failed: {first}') from None
   _quiet_other_processes()
+  if jax.process_count() > 1:
+    _watch_peers(peer_timeout_s, coordinator_address)
   logging.info('Process %d of %d joined in %.1f s; %d local and %d global '
                'devices', jax.process_index(), jax.process_count(),
                time.time() - t0, jax.local_device_count(), jax.device_count())

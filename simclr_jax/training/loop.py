@@ -8,7 +8,9 @@ mode the same protections:
     position; re-running the same command resumes from the newest readable
     checkpoint, so an interrupted run ends where an uninterrupted one would;
   * SIGTERM/SIGINT (preemption on Cloud TPU and Slurm): finish the step,
-    save, return `interrupted=True` (the caller exits 0);
+    save, return `interrupted=True` (the caller exits 0). In a multi-process
+    job a signal that reaches one host stops every host after the same step
+    (`_StopAgreement`), so all of them enter the collective save together;
   * the on_nan policy: 'stop' raises NonFiniteError before any NaN reaches a
     checkpoint (with nan_diagnostic.json), 'skip_step' relies on the step
     keeping the old state and counts the skipped steps;
@@ -30,6 +32,7 @@ from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 from etils import epath
 
@@ -130,7 +133,75 @@ class _StopRequest:
 
   def restore(self):
     for sig, handler in self._old.items():
-      signal.signal(sig, handler)
+      # None: the old handler was installed outside Python (by the runtime);
+      # the default action is the closest Python can put back.
+      signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+
+@functools.lru_cache(maxsize=None)
+def _agree_fn(sharding: jax.sharding.Sharding) -> Callable[[jax.Array], Any]:
+  """Jitted max over one value per device, replicated to every process."""
+  replicated = jax.sharding.NamedSharding(sharding.mesh,
+                                          jax.sharding.PartitionSpec())
+  return jax.jit(jnp.max, out_shardings=replicated)
+
+
+class _StopAgreement:
+  """Makes a stop that one process sees a stop of every process, same step.
+
+  On a pod, SIGTERM often reaches one host. Were that host alone to stop and
+  enter the checkpoint save (collective across processes) while the others
+  ran the next step's collectives, the job would hang. So each process feeds
+  its signal number (0 for none) into a tiny all-reduce (max) after every
+  step, and every process acts on the result of the previous step's
+  reduction: all of them read the same value at the same step and stop
+  together, one step after the signal was seen.
+
+  The cost is one all-reduce of one integer per device per step, queued
+  behind the step on the device, and the host reading it one step late, as
+  it reads metrics: the device always has the current step queued while the
+  host waits, so it does not idle. The arrays fed in are built once per
+  distinct value (0, SIGTERM, SIGINT), so a step moves no data to the
+  device. One process needs no agreement and reads its flag directly.
+
+  The other stop decisions need no exchange: `stop_after_steps` is the same
+  flag and the same resumed step on every process, and the non-finite stop
+  reads replicated metrics at steps every process reports on.
+  """
+
+  def __init__(self, request: _StopRequest):
+    self._request = request
+    self._multi = jax.process_count() > 1
+    self._pending = None
+    if self._multi:
+      mesh = jax.sharding.Mesh(np.array(jax.devices()), ('processes',))
+      self._sharding = jax.sharding.NamedSharding(
+          mesh, jax.sharding.PartitionSpec('processes'))
+      self._inputs = {}
+
+  def _input(self, value: int) -> jax.Array:
+    if value not in self._inputs:
+      self._inputs[value] = jax.make_array_from_single_device_arrays(
+          (jax.device_count(),), self._sharding,
+          [jax.device_put(np.full((1,), value, np.int32), d)
+           for d in jax.local_devices()])
+    return self._inputs[value]
+
+  def poll(self) -> int | None:
+    """Call once per step, after dispatching it; the agreed signal or None.
+
+    With several processes, the value is every process's view as of the
+    previous call, identical on all of them.
+    """
+    local = self._request.signum
+    if not self._multi:
+      return local
+    agreed = _agree_fn(self._sharding)(self._input(local or 0))
+    agreed.copy_to_host_async()
+    previous, self._pending = self._pending, agreed
+    if previous is None:
+      return None
+    return int(np.asarray(previous)) or None
 
 
 def _init_nonfinite_tracker(metrics: dict) -> dict:
@@ -303,6 +374,8 @@ def run(spec: LoopSpec, state: Any, workdir: str, *,
                                       spec.prefetch)
   writer = metric_writer.MetricWriter(workdir)
   stop = _StopRequest()
+  agreement = _StopAgreement(stop)
+  stop_signal = None
   reporter = _Reporter(spec, workdir, writer, ckpt, skipped_before,
                        extra_metrics)
   tracker = None
@@ -334,7 +407,8 @@ def run(spec: LoopSpec, state: Any, workdir: str, *,
         pending = None
       is_log = step % spec.log_every_steps == 0 or step == total
       is_ckpt = step % spec.checkpoint_every_steps == 0 or step == total
-      stopping = stop.signum is not None or bool(
+      stop_signal = agreement.poll()
+      stopping = stop_signal is not None or bool(
           stop_after_steps and step - start_step >= stop_after_steps)
       rate = steps_timed / max(time.time() - t_loop, 1e-9)
       if is_ckpt or stopping:
@@ -364,7 +438,7 @@ def run(spec: LoopSpec, state: Any, workdir: str, *,
     logging.warning(
         'Stopped %s (%s) at step %d; checkpoint saved. Re-run the same '
         'command to resume.', spec.name,
-        f'signal {stop.signum}' if stop.signum else 'stop_after_steps', step)
+        f'signal {stop_signal}' if stop_signal else 'stop_after_steps', step)
   ckpt.close()
   return LoopResult(
       state=state, steps=step, total_steps=total, interrupted=interrupted,
