@@ -54,12 +54,13 @@ def evaluate_features(train_x: np.ndarray, train_y: np.ndarray,
     knn_temperature: kNN weight temperature (0.1).
     shots: labelled examples per class for the few-shot probes.
     draws: seeded draws averaged per shot count.
-    seed: seed of the probes and of the first few-shot draw; use the same
-      value for the pretrained and the random-init encoder so both see the
-      same labelled examples.
+    seed: seed of the rows the all-label probe holds out to choose its L2
+      strength and of the first few-shot draw; use the same value for the
+      pretrained and the random-init encoder so both see the same labelled
+      examples.
     num_classes: kNN vote width; inferred from the labels when None.
-    mesh: mesh whose 'data' axis the kNN shards the training features over
-      (default: all devices).
+    mesh: mesh whose 'data' axis the probes and the kNN shard the features
+      over (default: all devices).
 
   Returns:
     {'linear_probe_accuracy': float,
@@ -72,10 +73,10 @@ def evaluate_features(train_x: np.ndarray, train_y: np.ndarray,
     num_classes = int(max(train_y.max(), test_y.max())) + 1
   return {
       'linear_probe_accuracy': linear_probe_accuracy(
-          train_x, train_y, test_x, test_y, seed=seed),
+          train_x, train_y, test_x, test_y, seed=seed, mesh=mesh),
       'fewshot_probe_accuracy': fewshot_probe_accuracy(
           train_x, train_y, test_x, test_y, shots=shots, draws=draws,
-          seed=seed),
+          seed=seed, mesh=mesh),
       'knn_accuracy': knn_accuracy(
           train_x, train_y, test_x, test_y, num_classes, k=knn_k,
           temperature=knn_temperature, mesh=mesh),

@@ -43,6 +43,16 @@ def pad_rows(block: np.ndarray, rows: int) -> tuple[np.ndarray, int]:
   return block, valid
 
 
+def on_mesh(x: np.ndarray, mesh: Mesh, spec: P) -> jax.Array:
+  """A host array (the same on every process) placed with `spec`.
+
+  Each device copies only its own slice, so a row-sharded array never sits
+  whole on one device.
+  """
+  return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec),
+                                      lambda idx: x[idx])
+
+
 def extract_features(apply_fn: Callable[..., jax.Array],
                      images: np.ndarray,
                      batch_size: int,

@@ -23,7 +23,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 import numpy as np
 
 from simclr_jax.evaluation import features as features_lib
@@ -111,12 +111,6 @@ def _knn_chunk_predict(train_features: jax.Array, train_labels: jax.Array,
                        temperature)
 
 
-def _on_mesh(x: np.ndarray, mesh: Mesh, spec: P) -> jax.Array:
-  """A host array (the same on every process) placed with `spec`."""
-  return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec),
-                                      lambda idx: x[idx])
-
-
 def knn_predict(train_features: np.ndarray | jax.Array,
                 train_labels: np.ndarray | jax.Array,
                 test_features: np.ndarray | jax.Array,
@@ -180,8 +174,9 @@ def knn_predict(train_features: np.ndarray | jax.Array,
   train_features, _ = features_lib.pad_rows(
       train_features.astype(np.float32), rows)
   labels_np, _ = features_lib.pad_rows(labels_np, rows)
-  train_norm = _normalize(_on_mesh(train_features, mesh, P(DATA_AXIS)))
-  train_y = _on_mesh(labels_np, mesh, P(DATA_AXIS))
+  train_norm = _normalize(
+      features_lib.on_mesh(train_features, mesh, P(DATA_AXIS)))
+  train_y = features_lib.on_mesh(labels_np, mesh, P(DATA_AXIS))
   temp = jnp.float32(temperature)
 
   chunk = min(batch_size, n_test)
@@ -191,8 +186,8 @@ def knn_predict(train_features: np.ndarray | jax.Array,
     block, valid = features_lib.pad_rows(test_features[start:start + chunk],
                                          chunk)
     chunk_predictions = _knn_chunk_predict(
-        train_norm, train_y, _on_mesh(block, mesh, P()), temp, k=k,
-        num_classes=num_classes, n_train=n_train, mesh=mesh)
+        train_norm, train_y, features_lib.on_mesh(block, mesh, P()), temp,
+        k=k, num_classes=num_classes, n_train=n_train, mesh=mesh)
     # Replicated: every process has the whole answer locally.
     predictions.append(
         np.asarray(chunk_predictions.addressable_data(0))[:valid])
