@@ -103,9 +103,12 @@ def _finish(procs, logs, timeout_s: float = 400) -> list[int]:
         print(f'--- {log}\n{_read(log)[-3000:]}')
 
 
-def _steps(workdir: str) -> list[int]:
+def _steps(workdir: str, allow_partial: bool = False) -> list[int]:
+  """The complete checkpoints; `allow_partial`: a save cut off by a dead
+  process may have left its Orbax tmp folder (the next run removes it)."""
   names = os.listdir(os.path.join(workdir, 'checkpoints'))
-  assert not [n for n in names if 'tmp' in n], names
+  if not allow_partial:
+    assert not [n for n in names if 'tmp' in n], names
   return sorted(int(n) for n in names if n.isdigit())
 
 
@@ -163,7 +166,7 @@ def test_dead_process_ends_the_job_with_one_line(tmp_path):
   assert last.startswith('error: process 0 of 2 is stopping: process 1 '
                          'stopped responding'), last
   assert 'Check failure' not in out and 'Fatal Python error' not in out
-  saved = _steps(workdir)
+  saved = _steps(workdir, allow_partial=True)
   assert saved and saved[-1] >= 4, saved
 
   # The re-run resumes from the last complete checkpoint.
