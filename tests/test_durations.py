@@ -180,7 +180,8 @@ def test_knn_monitor_interval_in_steps_or_in_epochs():
   assert knn_monitor.interval(c, 22) == 3
   c.eval.eval_every_steps = 0
   assert knn_monitor.interval(c, 22) == 110
-  assert knn_monitor.every_steps(0.0, 22, eval_every_steps=4) == 4
+  c.eval.eval_every_epochs, c.eval.eval_every_steps = 0.0, 4
+  assert knn_monitor.interval(c, 22) == 4
 
 
 def test_swav_and_deepcluster_read_both_forms():

@@ -48,11 +48,18 @@ def _numpy_knn_accuracy(train_f, train_y, test_f, test_y, k, temperature,
   return correct / len(b)
 
 
+def _every(eval_every_epochs, steps_per_epoch, eval_every_steps=0):
+  c = defaults.base_config()
+  c.eval.eval_every_epochs = float(eval_every_epochs)
+  c.eval.eval_every_steps = eval_every_steps
+  return knn_monitor.interval(c, steps_per_epoch)
+
+
 def test_every_steps():
-  assert knn_monitor.every_steps(0, 22) == 0
-  assert knn_monitor.every_steps(1, 22) == 22
-  assert knn_monitor.every_steps(0.5, 22) == 11
-  assert knn_monitor.every_steps(0.01, 22) == 1
+  assert _every(0, 22) == 0
+  assert _every(1, 22) == 22
+  assert _every(0.5, 22) == 11
+  assert _every(0.01, 22) == 1
 
 
 def test_monitor_during_pretraining_matches_numpy_knn(tmp_path):

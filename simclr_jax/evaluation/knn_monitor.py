@@ -30,15 +30,9 @@ from simclr_jax.runtime import paths
 _FILE = 'knn_monitor.jsonl'
 
 
-def every_steps(eval_every_epochs: float, steps_per_epoch: float,
-                eval_every_steps: int = 0) -> int:
-  """Steps between measurements; 0 when the monitor is off."""
-  return durations.resolve(eval_every_steps, eval_every_epochs,
-                           steps_per_epoch, minimum=1)
-
-
 def interval(config: Any, steps_per_epoch: float) -> int:
-  """`every_steps` of a config (its eval section's two fields)."""
+  """Steps between measurements (config.eval.eval_every_steps, or
+  eval_every_epochs, at least 1); 0 when the monitor is off."""
   return durations.steps(config.eval, 'eval_every', steps_per_epoch,
                          minimum=1)
 
