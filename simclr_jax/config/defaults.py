@@ -13,6 +13,8 @@ with the steps set to 0.
 
 import ml_collections
 
+from simclr_jax.data import fashion_mnist
+
 
 def base_config() -> ml_collections.ConfigDict:
   """Returns the full config schema with reference defaults."""
@@ -26,9 +28,11 @@ def base_config() -> ml_collections.ConfigDict:
   # the checkpoint of the run whose --workdir this names.
   c.init_from = ''
 
-  # Data. `name` is 'digits' (embedded), 'synthetic', 'folder' (your own
-  # images) or any TFDS image dataset name[:version], such as 'cifar10',
-  # 'stl10', 'imagenet2012', 'food101', 'oxford_flowers102:2.1.1'.
+  # Data. `name` is 'digits' (embedded), 'fashion_mnist' (its IDX files),
+  # 'synthetic', 'folder' (your own images) or any TFDS image dataset
+  # name[:version], such as 'cifar10', 'stl10', 'imagenet2012', 'food101',
+  # 'oxford_flowers102:2.1.1'. Array datasets (all but TFDS and prepared
+  # folders) slice their splits as TFDS does: 'train[:50000]'.
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = 'digits'
   c.dataset.data_dir = ml_collections.FieldReference(None, field_type=str)
@@ -48,6 +52,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.folder = ''
   c.dataset.folder_validation_fraction = 0.1
   c.dataset.folder_split_seed = 0
+  # name='fashion_mnist': the folder of its four IDX files (gzipped or not);
+  # Debian's `apt-get install dataset-fashion-mnist` puts them here.
+  c.dataset.fashion_mnist_dir = fashion_mnist.DEFAULT_DIR
   c.dataset.image_size = 32  # Size of the augmented views fed to the encoder.
   # For the on-device ('jax') augmentation of variable-size images, the host
   # resizes every image to raw_size x raw_size first (0 = image_size).
@@ -188,6 +195,12 @@ def base_config() -> ml_collections.ConfigDict:
   # Also read out the raw pixels (flattened eval images) the same three ways:
   # the baseline a representation has to beat. Off for ImageNet-size images.
   c.eval.probe_pixels = True
+  # Images per split the pixel baseline reads at most: a seeded subsample
+  # beyond that, so the flattened pixels stay small on big datasets (10k
+  # ImageNet images at 224 px are 6 GB) while digits is read whole. A
+  # recipe whose encoder probes a whole larger split raises it, so that the
+  # pixels are read out on the same images.
+  c.eval.pixel_max_examples = 10_000
 
   # Downstream modes (simclr_jax/downstream/;
   # docs/algorithms.md#evaluation-protocols). Every section trains with momentum SGD, peak LR = learning_rate * B/256 ('linear') or

@@ -4,7 +4,8 @@
 (data/base.py) of its kind; nothing else in the project asks what kind of
 dataset it holds. The kinds:
 
-  * in-memory arrays: 'digits', 'digits_m' (embedded) and 'synthetic'
+  * in-memory arrays: 'digits', 'digits_m' (embedded), 'fashion_mnist'
+    (its IDX files, data/fashion_mnist.py) and 'synthetic'
     (data/in_memory.py), and unions of them such as 'digits+digits_m';
   * 'folder': the user's own images under config.dataset.folder, read
     directly into memory (data/folder.py), or streamed like TFDS once
@@ -39,6 +40,7 @@ FOLDER = 'folder'
 _ARRAY_SOURCES: dict[str, Callable[..., in_memory.ArraySource]] = {
     'digits': in_memory.DigitsSource,
     'digits_m': in_memory.DigitsSource,
+    'fashion_mnist': in_memory.FashionMnistSource,
     'synthetic': in_memory.SyntheticSource,
 }
 BUILTIN_DATASETS = tuple(_ARRAY_SOURCES) + (FOLDER,)
@@ -61,6 +63,7 @@ KNOWN_DATASETS = tuple(_ARRAY_SOURCES) + TFDS_DATASETS
 RECOMMENDED_SPLITS = {
     'digits': ('train', 'train', 'test'),
     'digits_m': ('train', 'train', 'test'),
+    'fashion_mnist': ('train', 'train', 'test'),
     'synthetic': ('train', 'train', 'test'),
     'cifar10': ('train', 'train', 'test'),
     'cifar100': ('train', 'train', 'test'),

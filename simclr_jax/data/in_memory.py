@@ -1,4 +1,5 @@
-"""Datasets held as NumPy arrays: digits, digits_m, synthetic, and unions.
+"""Datasets held as NumPy arrays: digits, digits_m, fashion_mnist, synthetic,
+and unions.
 
 They are the TensorFlow-free path (accelerator hosts may lack TF) and the
 data of the fast tests and benchmarks. `ArraySource` answers every
@@ -9,11 +10,13 @@ config.dataset.in_memory streams its arrays with `array_pretrain_stream`.
 
 import copy
 import functools
+import re
 from collections.abc import Iterator
 
 import ml_collections
 import numpy as np
 
+from simclr_jax.data import fashion_mnist
 from simclr_jax.data import streams
 from simclr_jax.data.base import Batch
 from simclr_jax.data.base import DataSource
@@ -68,28 +71,69 @@ def array_pretrain_stream(config: ml_collections.ConfigDict,
     yield from streams.finish(tf, ds, local_batch).as_numpy_iterator()
 
 
+_SLICE = re.compile(r'^(\w+)\[(-?\d+%?)?:(-?\d+%?)?\]$')
+
+
+def slice_bounds(expression: str, size: int) -> tuple[int, int]:
+  """[start, stop) rows of a split of `size` rows named by TFDS-style bounds
+  (the part of 'train[:50000]', 'train[-10%:]' inside the brackets).
+
+  A percentage is rounded to the closest row, as TFDS does by default.
+  """
+  def bound(text: str | None, default: int) -> int:
+    if not text:
+      return default
+    value = int(text.rstrip('%'))
+    if text.endswith('%'):
+      rows = round(size * abs(value) / 100)
+      value = -rows if value < 0 else rows
+    return max(0, min(size, value + size if value < 0 else value))
+  start_text, _, stop_text = expression.partition(':')
+  return bound(start_text, 0), bound(stop_text, size)
+
+
 class ArraySource(DataSource):
-  """A dataset whose splits are uint8 arrays at raw size in host memory."""
+  """A dataset whose splits are uint8 arrays at raw size in host memory.
+
+  Splits may be sliced as in TFDS ('train[:50000]', 'train[90%:]'), so a
+  validation split can be carved from the training split for choosing a
+  recipe without touching the test split.
+  """
   holds_arrays = True
+  slices_splits = True
 
   def _load(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 (N, R, R, 3), int32 (N,)) of `split`, R = raw_size."""
+    """(uint8 (N, R, R, 3), int32 (N,)) of the named split `split`, R =
+    raw_size."""
     raise NotImplementedError
+
+  def _arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """`_load` of a split name or a slice of one ('train[-10000:]')."""
+    match = _SLICE.match(split.replace(' ', ''))
+    if not match:
+      return self._load(split)
+    images, labels = self._load(match.group(1))
+    lo, hi = slice_bounds(f'{match.group(2) or ""}:{match.group(3) or ""}',
+                          len(labels))
+    if hi <= lo:
+      raise DatasetError(f'Split {split!r} of {self.name!r} is empty '
+                         f'({len(labels)} rows in {match.group(1)!r}).')
+    return images[lo:hi], labels[lo:hi]
 
   def num_classes(self) -> int:
     raise NotImplementedError
 
   def info(self) -> DatasetInfo:
-    images, labels = self._load(self.config.dataset.train_split)
+    images, labels = self._arrays(self.config.dataset.train_split)
     return DatasetInfo(name=self.name, num_train_examples=len(labels),
                        num_classes=self.num_classes(),
                        image_shape=tuple(images.shape[1:]))
 
   def split_size(self, split: str) -> int:
-    return len(self._load(split)[1])
+    return len(self._arrays(split)[1])
 
   def raw_arrays(self, split, max_examples=None):
-    images, labels = self._load(split)
+    images, labels = self._arrays(split)
     if max_examples is not None:
       images, labels = images[:max_examples], labels[:max_examples]
     return images, labels.astype(np.int32)
@@ -104,7 +148,7 @@ class ArraySource(DataSource):
   def pretrain_stream(self, *, process_index, process_count, start_step,
                       local_batch, spe, include_index, stats):
     del process_count, stats  # Implied by local_batch; nothing is corrupt.
-    images, labels = self._load(self.config.dataset.train_split)
+    images, labels = self._arrays(self.config.dataset.train_split)
     return array_pretrain_stream(
         self.config, images, labels, process_index=process_index,
         start_step=start_step, local_batch=local_batch, spe=spe,
@@ -144,6 +188,36 @@ class DigitsSource(ArraySource):
       return _resized_digits(split, raw_size(self.config), self.name)
     except ValueError as e:
       raise DatasetError(str(e)) from e
+
+
+@functools.lru_cache(maxsize=2)
+def _resized_fashion_mnist(directory: str, split: str, side: int
+                           ) -> tuple[np.ndarray, np.ndarray]:
+  """Fashion-MNIST at `side` pixels (its native 28 needs no resize)."""
+  from simclr_jax.data import digits  # pylint: disable=g-import-not-at-top
+  from simclr_jax.data import fashion_mnist  # pylint: disable=g-import-not-at-top
+  images, labels = fashion_mnist.load(directory, split)
+  if side == images.shape[1]:
+    return images, labels
+  resized = digits.resize_bilinear(images, side)
+  resized = np.clip(np.round(resized), 0, 255).astype(np.uint8)
+  resized.setflags(write=False)
+  return resized, labels
+
+
+class FashionMnistSource(ArraySource):
+  """Fashion-MNIST from the IDX files in config.dataset.fashion_mnist_dir
+  (data/fashion_mnist.py), resized from 28 px only when raw_size differs."""
+
+  def splits(self):
+    return list(fashion_mnist.SPLITS)
+
+  def num_classes(self):
+    return fashion_mnist.NUM_CLASSES
+
+  def _load(self, split):
+    directory = self.config.dataset.fashion_mnist_dir
+    return _resized_fashion_mnist(directory, split, raw_size(self.config))
 
 
 @functools.lru_cache(maxsize=4)

@@ -23,11 +23,6 @@ from simclr_jax.evaluation import knn as knn_lib
 
 Labelled = tuple[np.ndarray, np.ndarray]  # (features or images, labels)
 
-# Images per split the pixel baseline reads out at most: a seeded subsample
-# beyond that, so the flattened pixels stay small on big datasets (10k
-# ImageNet images at 224 px are 6 GB) while digits (1437 train, 360 test)
-# is read whole.
-PIXEL_MAX_EXAMPLES = 10_000
 
 
 def feature_fn(model: Any, output: str = 'features') -> Callable:

@@ -303,7 +303,7 @@ def evaluate_encoder(setup: Setup, state: state_lib.TrainState) -> dict:
   (same seed), with BN statistics re-estimated on RANDOM_INIT_BN_BATCHES
   batches of training images. Host memory holds the splits' features and
   at most one batch of images; the pixel baseline at most
-  readout.PIXEL_MAX_EXAMPLES flattened images per split.
+  eval.pixel_max_examples flattened images per split.
   """
   c = setup.config
   ec, labelled = probe_dataset(setup)
@@ -335,9 +335,9 @@ def evaluate_encoder(setup: Setup, state: state_lib.TrainState) -> dict:
     results.update(readout.prefixed('random_init_', rand))
     results['random_init_bn_batches'] = RANDOM_INIT_BN_BATCHES
   if c.eval.probe_pixels:
-    # A seeded subsample of each split beyond PIXEL_MAX_EXAMPLES images.
+    # A seeded subsample of each split beyond eval.pixel_max_examples.
     pixels = [readout.sample_pixels(
-        ec, split, max_examples=readout.PIXEL_MAX_EXAMPLES, seed=c.seed,
+        ec, split, max_examples=c.eval.pixel_max_examples, seed=c.seed,
         batch_size=c.eval.batch_size)
               for split in (ec.dataset.train_split, ec.dataset.eval_split)]
     results.update(readout.prefixed('pixel_', readout.evaluate_pixels(

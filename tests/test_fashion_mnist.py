@@ -1,0 +1,135 @@
+"""Fashion-MNIST read from IDX files: small files written here in the format
+Debian's dataset-fashion-mnist installs, read by the loader the recipe uses.
+"""
+
+import gzip
+import os
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from simclr_jax.config import defaults
+from simclr_jax.data import datasets
+from simclr_jax.data import fashion_mnist
+from conftest import ROOT
+
+RECIPE = os.path.join(ROOT, 'configs', 'fashion_mnist.py')
+
+
+def _write_raw_idx(path, array):
+  """IDX by hand (struct, not the project's writer): magic 0x0803/0x0801,
+  big-endian dimensions, then the bytes."""
+  header = struct.pack('>I', 0x800 | array.ndim) + b''.join(
+      struct.pack('>I', d) for d in array.shape)
+  opener = gzip.open if path.endswith('.gz') else open
+  with opener(path, 'wb') as f:
+    f.write(header + np.ascontiguousarray(array, np.uint8).tobytes())
+
+
+@pytest.fixture(scope='module')
+def idx_dir(tmp_path_factory):
+  """train: 50 images, test: 20; gzipped train, plain test (both occur)."""
+  d = tmp_path_factory.mktemp('fmnist')
+  rng = np.random.default_rng(0)
+  data = {}
+  for split, prefix, n, gz in (('train', 'train', 50, '.gz'),
+                               ('test', 't10k', 20, '')):
+    images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, (n,), dtype=np.uint8)
+    _write_raw_idx(str(d / f'{prefix}-images-idx3-ubyte{gz}'), images)
+    _write_raw_idx(str(d / f'{prefix}-labels-idx1-ubyte{gz}'), labels)
+    data[split] = (images, labels)
+  return str(d), data
+
+
+def _config(directory, **dataset):
+  c = defaults.base_config()
+  c.dataset.name = 'fashion_mnist'
+  c.dataset.image_size = 28
+  c.dataset.fashion_mnist_dir = directory
+  c.dataset.update(dataset)
+  return c
+
+
+def test_reads_idx_files_as_grey_replicated_to_rgb(idx_dir):
+  directory, data = idx_dir
+  source = datasets.source_for(_config(directory))
+  info = source.info()
+  assert (info.num_train_examples, info.num_classes,
+          info.image_shape) == (50, 10, (28, 28, 3))
+  assert source.splits() == ['train', 'test']
+  for split, (grey, labels) in data.items():
+    images, y = source.raw_arrays(split)
+    assert images.dtype == np.uint8 and y.dtype == np.int32
+    for channel in range(3):
+      np.testing.assert_array_equal(images[..., channel], grey)
+    np.testing.assert_array_equal(y, labels)
+
+
+def test_write_idx_round_trips_and_matches_the_hand_written_bytes(tmp_path):
+  array = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+  ours, theirs = str(tmp_path / 'a.gz'), str(tmp_path / 'b.gz')
+  fashion_mnist.write_idx(ours, array)
+  _write_raw_idx(theirs, array)
+  assert gzip.open(ours).read() == gzip.open(theirs).read()
+
+
+@pytest.mark.parametrize('split,rows', [
+    ('train[:40]', slice(0, 40)), ('train[40:]', slice(40, 50)),
+    ('train[-10:]', slice(40, 50)), ('train[:80%]', slice(0, 40)),
+    ('train[80%:]', slice(40, 50)), ('train[10%:30%]', slice(5, 15)),
+    ('train[-20%:]', slice(40, 50))])
+def test_slices_carve_a_validation_split_from_train(idx_dir, split, rows):
+  directory, data = idx_dir
+  source = datasets.source_for(_config(directory, train_split=split))
+  images, labels = source.raw_arrays(split)
+  np.testing.assert_array_equal(images[..., 0], data['train'][0][rows])
+  np.testing.assert_array_equal(labels, data['train'][1][rows])
+  assert source.info().num_train_examples == len(labels)
+  assert source.split_size(split) == len(labels)
+
+
+def test_validation_recipe_never_reads_the_test_split():
+  """configs/fashion_mnist.py:validation pretrains and evaluates inside the
+  training split, on disjoint rows that cover it."""
+  c = defaults.load_recipe(RECIPE, 'validation')
+  train, held = c.dataset.train_split, c.dataset.eval_split
+  assert train.startswith('train[') and held.startswith('train[')
+  from simclr_jax.data import in_memory  # pylint: disable=g-import-not-at-top
+  a = in_memory.slice_bounds(train[len('train['):-1], 60000)
+  b = in_memory.slice_bounds(held[len('train['):-1], 60000)
+  assert a == (0, 50000) and b == (50000, 60000)
+
+
+@pytest.mark.parametrize('bad', ['train[7:3]', 'validation'])
+def test_bad_splits_say_what_exists(idx_dir, bad):
+  directory, _ = idx_dir
+  with pytest.raises(datasets.DatasetError, match='train'):
+    datasets.source_for(_config(directory)).raw_arrays(bad)
+
+
+def test_corrupt_file_is_named(tmp_path):
+  (tmp_path / 'train-images-idx3-ubyte').write_bytes(b'\x00\x00\x08\x01' +
+                                                     b'\x00' * 8)
+  (tmp_path / 'train-labels-idx1-ubyte').write_bytes(b'\x00\x00\x08\x01')
+  with pytest.raises(datasets.DatasetError,
+                     match='train-images-idx3-ubyte is not an IDX file'):
+    datasets.source_for(_config(str(tmp_path))).info()
+
+
+def test_missing_files_end_the_run_with_one_line(tmp_path):
+  """No files: one `error:` line naming the apt package and the field."""
+  proc = subprocess.run(
+      [sys.executable, '-m', 'simclr_jax.main', f'--config={RECIPE}',
+       f'--workdir={tmp_path / "run"}',
+       f'--config.dataset.fashion_mnist_dir={tmp_path / "none"}'],
+      capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  errors = [l for l in proc.stderr.splitlines() if l.startswith('error:')]
+  assert len(errors) == 1, proc.stderr[-2000:]
+  assert 'apt-get install dataset-fashion-mnist' in errors[0]
+  assert 'config.dataset.fashion_mnist_dir' in errors[0]
+  assert 'Traceback' not in proc.stderr
