@@ -39,6 +39,7 @@ interrupted = (str(batch) in os.environ.get('FAKE_INTERRUPT_ONCE', '').split(','
                and calls == 1)
 results = {'interrupted': interrupted, 'steps': 10, 'pretrain_wall_time_s': 4.0,
            'final_train_loss': 1.0 / batch, 'knn_accuracy': batch / 1000.0,
+           'pixel_knn_accuracy': 0.3 + int(args.get('config.seed', 0)) ** 2 / 100,
            'linear_probe_accuracy': 0.5, 'fewshot_probe_accuracy': {'1': 0.25},
            'knn_monitor': [{'epoch': 1.0, 'knn_accuracy': 0.1, 'step': 5}],
            'provenance': {'global_batch': batch, 'per_device_batch': batch // 8,
@@ -217,6 +218,62 @@ def test_report_from_results(tmp_path, fake_main, monkeypatch):
   assert row['status'] == 'started' and row.get('knn_accuracy') is None
   assert out['counts']['started'] == 1 and out['counts']['finished'] == 3
   assert '| 128 | 1 | started |' in open(os.path.join(w, 'study.md')).read()
+
+
+def test_seed_axis_gives_mean_and_std_per_setting(tmp_path, fake_main):
+  """Seeds are repetition: the summary's mean and sample std per setting,
+  checked against NumPy on the values the stub wrote."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  w = str(tmp_path / 'study')
+  assert study.main([f'--config={DIGITS}', f'--workdir={w}',
+                     '--sweep=batch_size=64,128', '--sweep=seed=0,1,3',
+                     f'--main_module={fake_main}']) == 0
+  out = json.load(open(os.path.join(w, 'study.json')))
+  assert [g['settings'] for g in out['summary']] == [{'batch_size': 64},
+                                                     {'batch_size': 128}]
+  pixel = np.array([0.3 + s ** 2 / 100 for s in (0, 1, 3)])
+  for g in out['summary']:
+    assert g['seeds'] == [0, 1, 3]
+    m = g['metrics']['pixel_knn_accuracy']
+    assert m['n'] == 3 and m['values'] == pytest.approx(list(pixel))
+    assert m['mean'] == pytest.approx(pixel.mean())
+    assert m['std'] == pytest.approx(pixel.std(ddof=1))
+    knn = g['metrics']['knn_accuracy']
+    assert knn['mean'] == g['settings']['batch_size'] / 1000 and knn['std'] == 0
+    assert g['metrics']['fewshot_probe_accuracy/1']['mean'] == 0.25
+  # The small JSON docs/results/ keeps: the same summary, the points'
+  # accuracies, and the command that re-makes the study.
+  small = json.load(open(os.path.join(w, study.COMPACT)))
+  assert small['summary'] == out['summary']
+  assert [p['accuracies']['pixel_knn_accuracy'] for p in small['points']
+          ] == pytest.approx(list(pixel) * 2)
+  assert small['command'].startswith('python -m simclr_jax.study --config=')
+  assert '--sweep=batch_size=64,128 --sweep=seed=0,1,3' in small['command']
+  assert 'loss_curve' not in json.dumps(small)
+  md = open(os.path.join(w, 'study.md')).read()
+  # Columns in name order: few-shot, kNN, probe, pixel kNN.
+  assert (f'| 64 | 3 | 25.00 ± 0.00 | 6.40 ± 0.00 | 50.00 ± 0.00 | '
+          f'{100 * pixel.mean():.2f} ± {100 * pixel.std(ddof=1):.2f} |') in md
+
+
+def test_mode_and_per_point_settings_reach_the_command(tmp_path, fake_main):
+  """--mode goes to every point; {seed} in a fixed setting is the point's
+  seed; a placeholder naming no axis is refused before anything runs."""
+  w = str(tmp_path / 'study')
+  assert study.main([f'--config={DIGITS}', f'--workdir={w}', '--mode=finetune',
+                     '--sweep=seed=0,2', '--config.init_from=PRE/seed-{seed}',
+                     f'--main_module={fake_main}']) == 0
+  for seed in (0, 2):
+    line = open(os.path.join(w, 'points', f'seed-{seed}', 'calls.txt')).read()
+    assert f'--config.init_from=PRE/seed-{seed} ' in line
+    assert '--mode=finetune' in line and f'--config.seed={seed}' in line
+  # Re-running the study in another mode is refused (the grid is fixed).
+  assert study.main([f'--config={DIGITS}', f'--workdir={w}',
+                     '--sweep=seed=0,2', '--config.init_from=PRE/seed-{seed}',
+                     f'--main_module={fake_main}']) == 2
+  with pytest.raises(study.StudyError, match=r'\{sed\}.*names no --sweep'):
+    study.make_spec(DIGITS, study.parse_sweeps(['seed=0,1']),
+                    ['--config.init_from=X/{sed}'], 0)
 
 
 def test_a_real_two_point_study_runs_through_the_main_command(tmp_path):

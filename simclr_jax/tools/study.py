@@ -20,6 +20,21 @@ point whose per-device batch is larger runs with gradient caching at the
 fewest chunks that fit (`config.max_batch_per_device`), and its log and
 results say so.
 
+Seeds: an axis named `seed` (`--sweep=seed=0,1,2`) is repetition, not a
+setting. The report then also gives, for every other combination of
+settings, the mean and standard deviation over seeds of each accuracy the
+runs wrote (`summary` in study.json, the second table of study.md): the
+form in which docs/ publishes a figure.
+
+Downstream tables: `--mode=finetune` (any mode of the main command) runs
+every point in that mode, and a fixed setting may name a point's own
+settings in braces, so each seed fine-tunes its own pretrained encoder:
+
+  python -m simclr_jax.study --config=configs/fashion_mnist.py \
+      --workdir=FT --mode=finetune --sweep=seed=0,1,2 \
+      --sweep=finetune.from_scratch=False,True \
+      --config.init_from=PRETRAIN/points/seed-{seed}
+
 Points run one after another by default; `--point=K` runs one, so a cluster
 array job runs a study in parallel (launch/study_slurm_array.sh). A finished
 point (results.json, not interrupted) is skipped; an interrupted one resumes.
@@ -31,6 +46,7 @@ import ast
 import itertools
 import json
 import math
+import statistics
 import os
 import re
 import signal
@@ -42,6 +58,10 @@ from simclr_jax.runtime import entry
 
 SPEC = 'study_spec.json'
 POINTS = 'points'
+# The report's small JSON: what docs/results/ keeps of a published study.
+COMPACT = 'study_results.json'
+# The axis that repeats a run rather than changing it.
+SEED = 'seed'
 # Read-outs copied from each point's results.json into the report.
 _READOUTS = ('linear_probe_accuracy', 'knn_accuracy', 'fewshot_probe_accuracy')
 
@@ -112,9 +132,15 @@ def expand(axes: list[tuple[str, list[Any]]]) -> list[dict[str, Any]]:
 
 
 def make_spec(config: str, axes, overrides: Sequence[str],
-              max_batch_per_device: int) -> dict[str, Any]:
+              max_batch_per_device: int, mode: str = 'pretrain'
+              ) -> dict[str, Any]:
+  fields = {f for f, _ in axes}
+  for name in re.findall(r'\{([^{}]*)\}', ' '.join(overrides)):
+    if name not in fields:
+      raise StudyError(f'{{{name}}} in a fixed setting names no --sweep '
+                       f'axis; the axes: {", ".join(sorted(fields))}')
   return {'config': config, 'axes': [[f, v] for f, v in axes],
-          'overrides': list(overrides),
+          'overrides': list(overrides), 'mode': mode,
           'max_batch_per_device': int(max_batch_per_device),
           'points': expand(axes)}
 
@@ -128,7 +154,8 @@ def _write_json(path: str, obj: Any) -> None:
 
 def load_or_create_spec(workdir: str, config: str | None,
                         sweeps: Sequence[str], overrides: Sequence[str],
-                        max_batch_per_device: int) -> dict[str, Any]:
+                        max_batch_per_device: int, mode: str = 'pretrain'
+                        ) -> dict[str, Any]:
   """The study's grid: created on first use, then read back and checked."""
   path = os.path.join(workdir, SPEC)
   new = None
@@ -137,12 +164,15 @@ def load_or_create_spec(workdir: str, config: str | None,
       raise StudyError('--sweep needs --config=RECIPE')
     new = make_spec(os.path.abspath(config.split(':')[0]) +
                     (':' + config.split(':', 1)[1] if ':' in config else ''),
-                    parse_sweeps(sweeps), overrides, max_batch_per_device)
+                    parse_sweeps(sweeps), overrides, max_batch_per_device,
+                    mode)
   if os.path.exists(path):
     with open(path) as f:
       spec = json.load(f)
     if new is not None:
-      for key in ('config', 'axes', 'overrides', 'max_batch_per_device'):
+      spec.setdefault('mode', 'pretrain')
+      for key in ('config', 'axes', 'overrides', 'max_batch_per_device',
+                  'mode'):
         if new[key] != spec[key]:
           raise StudyError(
               f'{workdir} holds a study with {key}={spec[key]!r}; this '
@@ -182,10 +212,20 @@ def _flag_value(value: Any) -> str:
   return repr(value) if isinstance(value, (tuple, list)) else str(value)
 
 
+def fill_in(text: str, settings: dict[str, Any]) -> str:
+  """`text` with each {field} replaced by the point's value of that axis."""
+  return re.sub(r'\{([^{}]*)\}',
+                lambda m: _slug(settings[m.group(1)]) if m.group(1) in settings
+                else m.group(0), text)
+
+
 def point_command(spec: dict[str, Any], point: dict[str, Any], workdir: str,
                   main_module: str = 'simclr_jax.main') -> list[str]:
   args = [sys.executable, '-m', main_module, f'--config={spec["config"]}',
-          f'--workdir={point_dir(workdir, point)}', *spec['overrides']]
+          f'--workdir={point_dir(workdir, point)}',
+          *(fill_in(o, point['settings']) for o in spec['overrides'])]
+  if spec.get('mode', 'pretrain') != 'pretrain':
+    args.append(f'--mode={spec["mode"]}')
   args += [f'--config.{f}={_flag_value(v)}'
            for f, v in point['settings'].items()]
   if spec.get('max_batch_per_device'):
@@ -279,6 +319,55 @@ def _read_jsonl(path: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
+def accuracies(results: dict[str, Any]) -> dict[str, float]:
+  """Every accuracy in a results.json, flat: 'knn_accuracy',
+  'fewshot_probe_accuracy/10', 'top1_accuracy', ... (the kNN monitor's
+  history excluded)."""
+  out = {}
+  for key, value in results.items():
+    if not key.endswith('accuracy'):
+      continue
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+      out[key] = float(value)
+    elif isinstance(value, dict):
+      for sub, x in value.items():
+        if isinstance(x, (int, float)) and not isinstance(x, bool):
+          out[f'{key}/{sub}'] = float(x)
+  return out
+
+
+def summarize(spec: dict[str, Any], rows: list[dict[str, Any]]
+              ) -> list[dict[str, Any]]:
+  """Mean and standard deviation over the `seed` axis of every accuracy,
+  one entry per combination of the other axes (in grid order).
+
+  The standard deviation is the sample one (n - 1), 0.0 for a single seed;
+  only finished points count, and `n` says how many did.
+  """
+  others = [f for f, _ in spec['axes'] if f != SEED]
+  groups: dict[str, dict[str, Any]] = {}
+  for r in rows:
+    settings = {f: r['settings'][f] for f in others}
+    g = groups.setdefault(json.dumps(settings, sort_keys=True),
+                          {'settings': settings, 'seeds': [], 'values': {}})
+    if r['status'] != 'finished':
+      continue
+    g['seeds'].append(r['settings'].get(SEED))
+    for key, value in (r.get('accuracies') or {}).items():
+      g['values'].setdefault(key, []).append(value)
+  out = []
+  for g in groups.values():
+    metrics = {}
+    for key, values in g['values'].items():
+      metrics[key] = {
+          'mean': statistics.fmean(values), 'n': len(values),
+          'std': statistics.stdev(values) if len(values) > 1 else 0.0,
+          'values': values}
+    out.append({'settings': g['settings'], 'seeds': g['seeds'],
+                'metrics': metrics})
+  return out
+
+
 def point_row(workdir: str, point: dict[str, Any]) -> dict[str, Any]:
   """One row of study.json: settings, status and what the run measured."""
   d = point_dir(workdir, point)
@@ -308,6 +397,7 @@ def point_row(workdir: str, point: dict[str, Any]) -> dict[str, Any]:
         provenance=prov)
     for key in _READOUTS:
       row[key] = r.get(key)
+    row['accuracies'] = accuracies(r)
   loss = [(m['step'], m['loss']) for m in _read_jsonl(
       os.path.join(d, 'metrics.jsonl')) if 'loss' in m]
   row['loss_curve'] = loss
@@ -349,6 +439,62 @@ def markdown(spec: dict[str, Any], rows: list[dict[str, Any]],
                  '' if wall is None else f'{wall / 60:.1f} min'])
     lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines) + '\n'
+
+
+def summary_markdown(spec: dict[str, Any],
+                     summary: list[dict[str, Any]]) -> str:
+  """The mean ± std table: one row per setting, one column per accuracy."""
+  others = [f for f, _ in spec['axes'] if f != SEED]
+  keys = sorted({k for g in summary for k in g['metrics']})
+  head = others + ['seeds'] + keys
+  lines = ['Mean ± standard deviation over seeds (accuracy in %).', '',
+           '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+  for g in summary:
+    cells = [str(g['settings'][f]) for f in others] + [str(len(g['seeds']))]
+    for k in keys:
+      m = g['metrics'].get(k)
+      cells.append('' if m is None else
+                   f"{100 * m['mean']:.2f} ± {100 * m['std']:.2f}")
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def compact(spec: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
+  """The raw results of a study in a few kB, for docs/results/: every
+  point's settings, status, accuracies and wall time, the summary over
+  seeds, and what made them (the command, code version and devices)."""
+  return {
+      'command': command_line(spec),
+      'config': _relative_config(spec['config']),
+      'axes': spec['axes'], 'overrides': spec['overrides'],
+      'mode': spec.get('mode', 'pretrain'), 'warnings': out['warnings'],
+      'points': [{k: r.get(k) for k in (
+          'settings', 'status', 'accuracies', 'steps', 'wall_time_s',
+          'code_version', 'device')} for r in out['points']],
+      'summary': out.get('summary')}
+
+
+def _relative_config(config: str) -> str:
+  """A recipe path inside the working directory, relative to it."""
+  path, sep, arg = config.partition(':')
+  if os.path.isabs(path) and path.startswith(os.getcwd() + os.sep):
+    path = os.path.relpath(path)
+  return path + sep + arg
+
+
+def command_line(spec: dict[str, Any]) -> str:
+  """The command that re-makes the study (from the repository root)."""
+  parts = ['python -m simclr_jax.study',
+           f'--config={_relative_config(spec["config"])}',
+           '--workdir=STUDY']
+  if spec.get('mode', 'pretrain') != 'pretrain':
+    parts.append(f"--mode={spec['mode']}")
+  parts += [f'--sweep={f}=' + ','.join(_flag_value(v) for v in values)
+            for f, values in spec['axes']]
+  parts += spec['overrides']
+  if spec.get('max_batch_per_device'):
+    parts.append(f"--max_batch_per_device={spec['max_batch_per_device']}")
+  return ' '.join(parts)
 
 
 def provenance_warnings(rows: list[dict[str, Any]]) -> list[str]:
@@ -442,10 +588,16 @@ def report(workdir: str) -> dict[str, Any]:
          'counts': {s: sum(r['status'] == s for r in rows) for s in
                     ('finished', 'interrupted', 'started', 'failed',
                      'pending')}}
+  seeded = SEED in [f for f, _ in spec['axes']]
+  if seeded:
+    out['summary'] = summarize(spec, rows)
   out['plots'] = [os.path.basename(p) for p in _plots(spec, rows, workdir)]
   _write_json(os.path.join(workdir, 'study.json'), out)
+  _write_json(os.path.join(workdir, COMPACT), compact(spec, out))
   with open(os.path.join(workdir, 'study.md'), 'w') as f:
     f.write(markdown(spec, rows, warnings))
+    if seeded:
+      f.write('\n' + summary_markdown(spec, out['summary']))
   return out
 
 
@@ -467,6 +619,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--max_batch_per_device', type=int, default=0,
                       help='Gradient caching for points above this many '
                       'images per device.')
+  parser.add_argument('--mode', default='pretrain',
+                      help='The main command\'s --mode for every point '
+                      '(finetune, distill, ...; with --config.init_from).')
   parser.add_argument('--report', metavar='STUDY_DIR',
                       help='Only write the report of STUDY_DIR.')
   parser.add_argument('--plan', action='store_true',
@@ -488,7 +643,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.workdir:
       raise StudyError('--workdir is required')
     spec = load_or_create_spec(args.workdir, args.config, args.sweep,
-                               overrides, args.max_batch_per_device)
+                               overrides, args.max_batch_per_device,
+                               args.mode)
     if args.plan:
       for p in spec['points']:
         print(f"{p['index']}\t{p['name']}")
