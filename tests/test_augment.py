@@ -18,7 +18,7 @@ import pytest
 from simclr_jax.data import augment
 from simclr_jax.data import augment_jax as aj
 
-tf = pytest.importorskip('tensorflow')
+import tensorflow as tf  # pylint: disable=g-import-not-at-top,g-bad-import-order
 # pylint: disable-next=g-import-not-at-top,g-bad-import-order
 from simclr_jax.data import augment_tf as at
 

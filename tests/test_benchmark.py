@@ -33,13 +33,7 @@ def test_train_step_benchmark_json(tmp_path):
           '--config.model.width_multiplier=0.125',
           '--config.batch_size=32', '--config.grad_cache_chunks=2',
           '--steps=2', '--warmup=1', '--profile_steps=1',
-          f'--profile={trace}', f'--output={out}']
-  try:
-    import torch  # pylint: disable=g-import-not-at-top,unused-import
-    args.append('--torch_peer')
-    has_torch = True
-  except ImportError:
-    has_torch = False
+          f'--profile={trace}', f'--output={out}', '--torch_peer']
   r = subprocess.run(
       args, capture_output=True, text=True, cwd=ROOT, timeout=600,
       env=dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8'))
@@ -64,12 +58,12 @@ def test_train_step_benchmark_json(tmp_path):
   assert np.isfinite(d['final_loss'])
   assert any(f.endswith('.xplane.pb') for _, _, fs in os.walk(trace)
              for f in fs)
-  if has_torch:
-    peer = d['torch_peer']
-    assert peer['framework'] == 'torch' and peer['global_batch'] == 32
-    assert peer['views_per_sec'] > 0 and np.isfinite(peer['final_loss'])
-    assert d['jax_over_torch'] == pytest.approx(
-        d['views_per_sec'] / peer['views_per_sec'])
+  # The PyTorch peer (torch is in the test extra): the same model and loss.
+  peer = d['torch_peer']
+  assert peer['framework'] == 'torch' and peer['global_batch'] == 32
+  assert peer['views_per_sec'] > 0 and np.isfinite(peer['final_loss'])
+  assert d['jax_over_torch'] == pytest.approx(
+      d['views_per_sec'] / peer['views_per_sec'])
 
 
 def test_peak_flops_table():
@@ -84,7 +78,7 @@ def test_peak_flops_table():
 
 
 def test_torch_peer_loss_is_the_same_nt_xent():
-  torch = pytest.importorskip('torch')
+  import torch  # pylint: disable=g-import-not-at-top  (the test extra's)
   from simclr_jax.tools import torch_peer  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   a, b = (rng.normal(size=(6, 4)).astype(np.float32) for _ in range(2))
@@ -95,7 +89,7 @@ def test_torch_peer_loss_is_the_same_nt_xent():
 
 def test_jpeg_input_benchmark_reads_what_it_wrote(tmp_path):
   from simclr_jax.tools import input_benchmark  # pylint: disable=g-import-not-at-top
-  tf = pytest.importorskip('tensorflow')
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   info = input_benchmark.write_jpeg_records(str(tmp_path), 6, num_shards=2,
                                             height=40, width=48)
   records = [tf.train.Example.FromString(r.numpy()) for p in info['paths']

@@ -21,12 +21,9 @@ from simclr_jax.data import datasets
 from simclr_jax.data import digits
 from simclr_jax.data import pipeline
 
-try:
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-except ImportError:  # The TF-free tests still run.
-  tf = tfds = None
-requires_tf = pytest.mark.skipif(tf is None, reason='needs TensorFlow')
+# Required packages (pyproject.toml): a missing one fails here, not skips.
+import tensorflow as tf  # pylint: disable=g-import-not-at-top,g-bad-import-order
+import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
 
 def _config(name='digits', backend='jax', batch_size=64, **dataset):
@@ -166,7 +163,6 @@ def test_digits_determinism_and_resume_jax():
   assert not np.array_equal(_take(c, 1)[0]['index'], full[0]['index'])
 
 
-@requires_tf
 def test_digits_tf_views_deterministic_resumable():
   c = _config(backend='tf', batch_size=256)
   spe = 1437 // 256
@@ -246,7 +242,6 @@ def _cifar(backend='jax', batch_size=16, **dataset):
   return _config('cifar10', backend, batch_size, **dataset)
 
 
-@requires_tf
 def test_tfds_mock_batches_both_backends(plain_cifar):
   del plain_cifar
   info = datasets.dataset_info(_cifar())
@@ -267,7 +262,6 @@ def test_tfds_mock_batches_both_backends(plain_cifar):
   assert y.dtype == np.int32 and 0.0 <= x.min() and x.max() <= 1.0
 
 
-@requires_tf
 def test_tfds_shards_disjoint_and_cover_split(indexed_cifar):
   del indexed_cifar
   c = _cifar(batch_size=16)  # 64 examples: 4 steps per epoch.
@@ -292,7 +286,6 @@ def test_tfds_shards_disjoint_and_cover_split(indexed_cifar):
   np.testing.assert_array_equal(y, np.arange(24) % 10)
 
 
-@requires_tf
 @pytest.mark.parametrize('cache', [True, False])
 def test_tfds_determinism_and_resume(indexed_cifar, cache):
   del indexed_cifar
@@ -309,7 +302,6 @@ def test_tfds_determinism_and_resume(indexed_cifar, cache):
   assert not np.array_equal(epochs[0], epochs[1])
 
 
-@requires_tf
 def test_tfds_tf_views_resume(plain_cifar):
   del plain_cifar
   c = _cifar('tf', batch_size=16)
@@ -317,7 +309,6 @@ def test_tfds_tf_views_resume(plain_cifar):
   _assert_same_batches(full[3:], _take(c, 2, start_step=3))
 
 
-@requires_tf
 def test_prepared_tfds_data_dir(tmp_path):
   """The un-mocked path: real TFRecord shards, file shuffling, even_splits."""
 
@@ -364,7 +355,6 @@ def test_prepared_tfds_data_dir(tmp_path):
     pipeline.load_eval_arrays(c, 'validation')
 
 
-@requires_tf
 def test_resize_crop_keeps_centre_and_aspect():
   image = np.zeros((40, 80, 3), np.uint8)
   image[:, 20:60] = 200  # Central square of the wide image.
@@ -378,7 +368,6 @@ def test_resize_crop_keeps_centre_and_aspect():
 # ----------------------------------------------------------------- errors --
 
 
-@requires_tf
 def test_missing_tfds_dataset_error_says_how_to_prepare(tmp_path):
   c = _cifar(data_dir=str(tmp_path))
   with pytest.raises(datasets.DatasetError) as e:
@@ -398,7 +387,6 @@ def test_missing_tfds_dataset_error_says_how_to_prepare(tmp_path):
           f'--manual_dir={manual}') in str(e.value)
 
 
-@requires_tf
 def test_any_tfds_dataset_by_name_finds_its_features():
   # Real TFDS metadata (from the dataset code; nothing is prepared here).
   cases = {'food101': ('image', 'label'), 'oxford_flowers102:2.1.1':
@@ -416,7 +404,6 @@ def test_any_tfds_dataset_by_name_finds_its_features():
     datasets.source_for(c).feature_keys()
 
 
-@requires_tf
 def test_unlabelled_and_versioned_tfds_datasets_stream():
   with tfds.testing.mock_data(num_examples=32):
     c = _config('lsun/classroom', batch_size=8, data_dir='/nonexistent/tfds',
@@ -440,7 +427,6 @@ def test_unlabelled_and_versioned_tfds_datasets_stream():
     assert x.shape[1:] == (16, 16, 3)
 
 
-@requires_tf
 def test_unknown_dataset_and_bad_batch_errors(tmp_path):
   # Any TFDS name is accepted; one that is not prepared says how to build it.
   c = _config('mnist')
@@ -508,7 +494,6 @@ def test_digits_jax_path_without_tensorflow():
   assert out.returncode == 0 and 'OK' in out.stdout, out.stderr[-2000:]
 
 
-@requires_tf
 @pytest.mark.parametrize('backend', ['jax', 'tf'])
 def test_tfds_in_memory_gives_row_ids_of_the_split(indexed_cifar, backend):
   """dataset.in_memory: the TFDS train split is indexed by row id, the rows

@@ -12,8 +12,9 @@ import os
 import numpy as np
 import pytest
 
-tf = pytest.importorskip('tensorflow')
-pytest.importorskip('tensorflow_datasets')
+# Required packages: a missing one fails the import, not skips.
+import tensorflow as tf  # pylint: disable=g-import-not-at-top,g-bad-import-order
+import tensorflow_datasets  # pylint: disable=g-import-not-at-top,g-bad-import-order,unused-import
 
 from simclr_jax.config import defaults  # pylint: disable=g-import-not-at-top
 from simclr_jax.data import datasets  # pylint: disable=g-import-not-at-top

@@ -28,7 +28,7 @@ def test_tf_same_padding_values(size, padding):
 @pytest.mark.parametrize('shape', [(8, 8), (9, 9), (16, 15), (15, 16),
                                    (112, 112)])
 def test_tf_padding_equals_tf_max_pool_same(shape):
-  tf = pytest.importorskip('tensorflow')
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   # Negative values too: the padding must be -inf, never a winning 0.
   x = np.random.default_rng(0).standard_normal((2, *shape, 3)).astype(
       np.float32)

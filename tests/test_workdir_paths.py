@@ -220,7 +220,6 @@ def test_export_files(gcs):
   assert meta['source'] == {'init_from': 'gs://bucket/run'}
   np.testing.assert_array_equal(
       tree['encoder']['params']['conv']['kernel'], np.ones((3, 3, 3, 4)))
-  pytest.importorskip('safetensors')
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
   export_run.save_safetensors('gs://bucket/exp/w.safetensors',
                               {'w': np.arange(3, dtype=np.float32)}, {})
