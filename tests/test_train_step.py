@@ -74,12 +74,56 @@ def test_eight_devices_match_one_device():
   assert max(jax.tree.leaves(moved)) > 1e-4
 
 
-def test_per_device_bn_would_differ():
-  """Guards the test above: per-device BN statistics are really different."""
-  x = _batches(1)[0]['views'].reshape(32, 8, 8, 3)
-  global_mean = x.mean(axis=(0, 1, 2))
-  local_mean = x[:4].mean(axis=(0, 1, 2))
-  assert np.abs(global_mean - local_mean).max() > 1e-3
+def _stem_conv_numpy(views, kernel):
+  """The CIFAR stem's 3x3 stride-1 conv (pad 1, no bias) in float64 NumPy."""
+  x = np.pad(views.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  k = np.asarray(kernel, np.float64)
+  size = views.shape[1]
+  return sum(np.einsum('nhwc,cd->nhwd', x[:, i:i + size, j:j + size],
+                       k[i, j]) for i in range(3) for j in range(3))
+
+
+def test_bn_running_stats_are_global_batch_stats_not_per_device():
+  """One real sharded step: the stem BN's running statistics are the global
+  batch's (NumPy on all 32 views), not any device's 4 views.
+
+  After one step, running = 0.9 * initial + 0.1 * batch statistic (BN
+  momentum 0.9 of the TF reference; Flax keeps the biased variance).
+  """
+  mesh = parallel.make_mesh()
+  assert mesh.devices.size == 8
+  batches = _batches(1)
+  s0, _ = _run(mesh, batches, steps=0)
+  s1, _ = _run(mesh, batches, steps=1)
+  # (N, 2, S, S, 3) -> (2N, S, S, 3), the two views of an image adjacent, as
+  # the step feeds them; device d holds rows 4d..4d+3 (2 images per device).
+  views = batches[0]['views'].reshape(32, 8, 8, 3)
+  y = _stem_conv_numpy(views, s0.params['encoder']['conv_init']['kernel'])
+  old = s0.batch_stats['encoder']['bn_init']
+  got = s1.batch_stats['encoder']['bn_init']
+
+  def running(y):
+    return (0.9 * np.asarray(old['mean']) + 0.1 * y.mean(axis=(0, 1, 2)),
+            0.9 * np.asarray(old['var']) + 0.1 * y.var(axis=(0, 1, 2)))
+
+  # float32 vs float64: measured errors are ~1e-8 (mean) and ~4e-8 (var).
+  tol = dict(rtol=1e-6, atol=1e-7)
+  want_mean, want_var = running(y)
+  np.testing.assert_allclose(got['mean'], want_mean, **tol)
+  np.testing.assert_allclose(got['var'], want_var, **tol)
+  # Per-device statistics would be far outside that tolerance (measured
+  # 6e-4 and more): each device's own 4 views, and also the device-average
+  # of per-device variances (whose mean would equal the global mean but
+  # whose variance misses the spread between devices; measured 7e-5).
+  bound = 10 * (tol['atol'] + tol['rtol'] * np.abs(want_var).max())
+  for d in range(8):
+    local_mean, local_var = running(y[4 * d:4 * d + 4])
+    assert np.abs(local_mean - got['mean']).max() > bound, d
+    assert np.abs(local_var - got['var']).max() > bound, d
+  per_device_var = np.mean([y[4 * d:4 * d + 4].var(axis=(0, 1, 2))
+                            for d in range(8)], axis=0)
+  averaged_var = 0.9 * np.asarray(old['var']) + 0.1 * per_device_var
+  assert np.abs(averaged_var - got['var']).max() > bound
 
 
 def test_metrics_are_finite_and_complete():

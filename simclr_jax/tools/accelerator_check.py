@@ -204,6 +204,9 @@ def stage_torch_peer(sz: dict[str, Any]) -> dict[str, Any]:
          'torch': peer}
   if peer.get('views_per_sec'):
     out['jax_over_torch'] = row['views_per_sec'] / peer['views_per_sec']
+  else:  # No torch figure (e.g. torch not importable): the stage failed.
+    out['ok'] = False
+    out['why'] = f"the torch step did not run: {peer.get('error')}"
   return out
 
 
@@ -352,7 +355,8 @@ def run_suite(out_dir: str, *, smoke: bool = False, budget_s: float = 480.0,
           entry = {'status': 'ok', 'result': _STAGE_FNS[name](sz)}
           if entry['result'].get('ok') is False:
             entry['status'] = 'failed'
-            entry['why'] = 'a check is outside its tolerance'
+            entry['why'] = entry['result'].get(
+                'why', 'a check is outside its tolerance')
         except StageTimeout:
           entry = {'status': 'timeout',
                    'why': f'ran past its share of the budget ({limit} s)'}
