@@ -38,8 +38,9 @@ def _lines(r) -> list[str]:
      'config.batch_size=100 must be a positive multiple of the number of '
      'devices (8)'),
     ('--config.dataset.name=mnist_typo',
-     "Unknown dataset 'mnist_typo': not one of digits, digits_m, synthetic, "
-     'folder and not a dataset of tensorflow-datasets'),
+     "Unknown dataset 'mnist_typo': not one of digits, digits_m, "
+     'fashion_mnist, synthetic, folder and not a dataset of '
+     'tensorflow-datasets'),
     ('--config.model.depth=19', 'config.model.depth=19 is not supported'),
     ('--config.loss.temperature=0', 'config.loss.temperature=0'),
 ])
