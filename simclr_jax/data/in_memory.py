@@ -155,6 +155,18 @@ class ArraySource(DataSource):
         include_index=include_index)
 
 
+def _at_side(images: np.ndarray, side: int) -> np.ndarray:
+  """uint8 square images resized bilinearly to `side` (unchanged if there),
+  read-only like the cached arrays they come from."""
+  from simclr_jax.data import digits  # pylint: disable=g-import-not-at-top
+  if side == images.shape[1]:
+    return images
+  resized = digits.resize_bilinear(images, side)
+  resized = np.clip(np.round(resized), 0, 255).astype(np.uint8)
+  resized.setflags(write=False)
+  return resized
+
+
 @functools.lru_cache(maxsize=4)
 def _resized_digits(split: str, side: int, name: str = 'digits'
                     ) -> tuple[np.ndarray, np.ndarray]:
@@ -163,12 +175,7 @@ def _resized_digits(split: str, side: int, name: str = 'digits'
   from simclr_jax.data import digits_m  # pylint: disable=g-import-not-at-top
   load = digits_m.load_digits_m if name == 'digits_m' else digits.load_digits
   images, labels = load(split)
-  if side == images.shape[1]:
-    return images, labels
-  resized = digits.resize_bilinear(images, side)
-  resized = np.clip(np.round(resized), 0, 255).astype(np.uint8)
-  resized.setflags(write=False)
-  return resized, labels
+  return _at_side(images, side), labels
 
 
 class DigitsSource(ArraySource):
@@ -194,15 +201,8 @@ class DigitsSource(ArraySource):
 def _resized_fashion_mnist(directory: str, split: str, side: int
                            ) -> tuple[np.ndarray, np.ndarray]:
   """Fashion-MNIST at `side` pixels (its native 28 needs no resize)."""
-  from simclr_jax.data import digits  # pylint: disable=g-import-not-at-top
-  from simclr_jax.data import fashion_mnist  # pylint: disable=g-import-not-at-top
   images, labels = fashion_mnist.load(directory, split)
-  if side == images.shape[1]:
-    return images, labels
-  resized = digits.resize_bilinear(images, side)
-  resized = np.clip(np.round(resized), 0, 255).astype(np.uint8)
-  resized.setflags(write=False)
-  return resized, labels
+  return _at_side(images, side), labels
 
 
 class FashionMnistSource(ArraySource):
