@@ -14,6 +14,23 @@ import ast
 import os
 import tempfile
 
+# The programs a test starts (the training, fault and CLI runs) each compile
+# the train step afresh, and on a 2-core machine XLA's compile time, not the
+# run time, is most of their cost. XLA's cheap settings compile them several
+# times faster; what a test compares is computed under the same settings on
+# both sides. The test processes themselves keep XLA's defaults: they also
+# run tests that train for a hundred steps, which those settings slow.
+CHEAP_COMPILE = ('--xla_backend_optimization_level=0',
+                 '--xla_llvm_disable_expensive_passes=true')
+
+
+def xla_flags(devices: int = 8) -> str:
+  """XLA_FLAGS for a test's subprocess: `devices` virtual CPU devices and
+  the cheap compile settings."""
+  return ' '.join((f'--xla_force_host_platform_device_count={devices}',
+                   *CHEAP_COMPILE))
+
+
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # Keep TensorFlow and XLA from fighting over the 2 cores of a CI machine.

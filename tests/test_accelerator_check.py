@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from simclr_jax.tools import accelerator_check
+from conftest import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,7 +61,7 @@ def test_smoke_run_writes_every_stage_without_tensorflow(tmp_path):
   # PYTHON: the interpreter whose packages `torch_available` looks at.
   env = dict(os.environ, PYTHONPATH=str(block), BUDGET_S='900',
              PYTHON=sys.executable)
-  env.pop('XLA_FLAGS', None)  # One CPU device, as on a one-GPU machine.
+  env['XLA_FLAGS'] = xla_flags(1)  # One CPU device, as on a one-GPU machine.
   r = subprocess.run([os.path.join(ROOT, 'launch', 'accelerator_check.sh'),
                       str(out), '--smoke'], capture_output=True, text=True,
                      cwd=str(tmp_path), env=env, timeout=1200)

@@ -11,6 +11,7 @@ import pytest
 
 from simclr_jax.tools import step_benchmark
 from simclr_jax import losses
+from conftest import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,7 +37,7 @@ def test_train_step_benchmark_json(tmp_path):
           f'--profile={trace}', f'--output={out}', '--torch_peer']
   r = subprocess.run(
       args, capture_output=True, text=True, cwd=ROOT, timeout=600,
-      env=dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8'))
+      env=dict(os.environ, XLA_FLAGS=xla_flags()))
   assert r.returncode == 0, r.stderr[-3000:]
   d = json.loads(out.read_text())
   assert d == json.loads(r.stdout.strip().splitlines()[-1])

@@ -21,11 +21,11 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from simclr_jax.runtime import checkpointing
-from conftest import TINY_RECIPE
+from conftest import TINY_RECIPE, xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ,
-           XLA_FLAGS='--xla_force_host_platform_device_count=8',
+           XLA_FLAGS=xla_flags(),
            JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
            TF_NUM_INTEROP_THREADS='1')
 # Never written by a run; they are not array data.

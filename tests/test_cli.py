@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import tiny_config
+from conftest import tiny_config, xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,7 +22,7 @@ ABSL_LINE = re.compile(r'^[DIWEF]\d{4} ')
 
 def _main(*args, devices=8, config='digits.py', env=None):
   env = dict(os.environ, **(env or {}),
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+             XLA_FLAGS=xla_flags(devices))
   return subprocess.run(
       [sys.executable, '-m', 'simclr_jax.main',
        '--config=' + os.path.join(ROOT, 'configs', config), *args],

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from simclr_jax.runtime import checkpointing
-from conftest import TINY_RECIPE
+from conftest import TINY_RECIPE, xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL = 6
@@ -34,7 +34,7 @@ TOTAL = 6
 # state of the reference can be compared.
 BASE = (f'--config.train_steps={TOTAL}', '--config.keep_checkpoints=20')
 ENV = dict(os.environ,
-           XLA_FLAGS='--xla_force_host_platform_device_count=8',
+           XLA_FLAGS=xla_flags(),
            JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
            TF_NUM_INTEROP_THREADS='1')
 TMP_SUFFIX = '.orbax-checkpoint-tmp'

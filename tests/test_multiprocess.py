@@ -23,7 +23,7 @@ from simclr_jax.runtime import checkpointing
 from simclr_jax.runtime import distributed
 from simclr_jax.data import pipeline
 from simclr_jax.data import streams
-from conftest import TINY_RECIPE
+from conftest import TINY_RECIPE, xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -68,11 +68,9 @@ def _free_port() -> int:
 def _env(devices: int) -> dict:
   env = {k: v for k, v in os.environ.items()
          if not k.startswith(('JAX_COORDINATOR', 'JAX_CPU_COLLECTIVES'))}
-  # Both runs compile with the same cheap XLA settings: about 3x less CPU
-  # time to compile, and the comparison is between topologies, not levels.
-  env.update(XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} '
-             '--xla_backend_optimization_level=0 '
-             '--xla_llvm_disable_expensive_passes=true',
+  # Both runs compile with the same cheap XLA settings (tests/conftest.py):
+  # the comparison is between topologies, not optimisation levels.
+  env.update(XLA_FLAGS=xla_flags(devices),
              JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
              TF_NUM_INTEROP_THREADS='1')
   return env

@@ -22,7 +22,7 @@ import numpy as np
 
 from simclr_jax.runtime import checkpointing
 from simclr_jax.runtime import distributed
-from conftest import TINY_RECIPE
+from conftest import TINY_RECIPE, xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,11 +49,8 @@ def _free_port() -> int:
 def _env() -> dict:
   env = {k: v for k, v in os.environ.items()
          if not k.startswith(('JAX_COORDINATOR', 'JAX_CPU_COLLECTIVES'))}
-  # The cheap XLA settings of tests/test_multiprocess.py: compilation is
-  # most of these runs' cost on a 2-core machine.
-  env.update(XLA_FLAGS='--xla_force_host_platform_device_count=4 '
-             '--xla_backend_optimization_level=0 '
-             '--xla_llvm_disable_expensive_passes=true',
+  # 4 devices per process, XLA's cheap compile settings (tests/conftest.py).
+  env.update(XLA_FLAGS=xla_flags(4),
              JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
              TF_NUM_INTEROP_THREADS='1', PYTHONUNBUFFERED='1')
   return env

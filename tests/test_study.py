@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from simclr_jax.tools import study
-from conftest import TINY_RECIPE
+from conftest import TINY_RECIPE, xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = os.path.join(ROOT, 'configs', 'digits.py')
@@ -289,7 +289,7 @@ def test_a_real_two_point_study_runs_through_the_main_command(tmp_path):
        '--config.eval.probe_pixels=False', '--config.eval.eval_every_epochs=0'],
       capture_output=True, text=True, cwd=ROOT, timeout=600,
       env=dict(os.environ,
-               XLA_FLAGS='--xla_force_host_platform_device_count=8'))
+               XLA_FLAGS=xla_flags()))
   assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
   out = json.load(open(os.path.join(w, 'study.json')))
   small, big = out['points']
