@@ -14,11 +14,12 @@ import ast
 import os
 import tempfile
 
-# The programs a test starts (the training, fault and CLI runs) each compile
+# The programs a test starts (the training, study and CLI runs) each compile
 # the train step afresh, and on a 2-core machine XLA's compile time, not the
 # run time, is most of their cost. XLA's cheap settings compile them several
-# times faster; what a test compares is computed under the same settings on
-# both sides. The test processes themselves keep XLA's defaults: they also
+# times faster. A test that compares such a run with one computed inside the
+# test process (which keeps the defaults) must not use them: the two differ
+# in the last bits. The test processes themselves keep XLA's defaults: they also
 # run tests that train for a hundred steps, which those settings slow.
 CHEAP_COMPILE = ('--xla_backend_optimization_level=0',
                  '--xla_llvm_disable_expensive_passes=true')
