@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from simclr_jax.runtime import checkpointing
-from conftest import TINY_RECIPE
+from conftest import TINY_RECIPE, xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL = 6
@@ -33,10 +33,10 @@ TOTAL = 6
 # evaluation) for TOTAL steps, all checkpoints kept, so any intermediate
 # state of the reference can be compared.
 BASE = (f'--config.train_steps={TOTAL}', '--config.keep_checkpoints=20')
-# XLA's default settings, not conftest.xla_flags: test_adapt compares these
-# runs with one computed inside the test process, bit for bit.
+# XLA's default compile settings: test_adapt compares these runs with one
+# computed inside the test process, to 1e-6.
 ENV = dict(os.environ,
-           XLA_FLAGS='--xla_force_host_platform_device_count=8',
+           XLA_FLAGS=xla_flags(cheap=False),
            JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
            TF_NUM_INTEROP_THREADS='1')
 TMP_SUFFIX = '.orbax-checkpoint-tmp'
