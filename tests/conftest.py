@@ -48,6 +48,9 @@ if os.environ.get('PYTEST_XDIST_WORKER'):
   os.environ['JAX_COMPILATION_CACHE_DIR'] = _cache
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+# Sizes XLA's CPU thread pool for the 8 devices before any test creates the
+# CPU client (simclr_jax/runtime/cpu_threads.py).
+import simclr_jax  # pylint: disable=g-import-not-at-top,unused-import,wrong-import-position
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # --config value of the tiny run: a few steps of a ResNet-18 at width 1/8 on
