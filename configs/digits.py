@@ -9,17 +9,29 @@ within minutes, then probes frozen features against the same net at random init.
 
 The `tiny` argument shrinks it to the run of the tests and smoke runs (see
 get_config).
+
+  python -m simclr_jax.main --config=configs/digits.py:validation --workdir=/tmp/val
+
+The `validation` argument pretrains on the first 1,077 of the 1,437 training
+images and reads out on the other 360, for checking a recipe choice without
+the test split (docs/benchmarks.md#the-recipe-checked-on-a-validation-split).
 """
 
 from simclr_jax.config import defaults
 
 
 # The arguments get_config accepts after `configs/digits.py:`.
-ARGUMENTS = ('tiny',)
+ARGUMENTS = ('tiny', 'validation')
+# (pretraining and probe-training split, evaluation split) of `validation`:
+# the training split is shuffled, so its last 360 images are a random draw
+# of the same size as the test split.
+VALIDATION_SPLITS = ('train[:1077]', 'train[1077:]')
 
 
 def get_config(arg: str | None = None):
   """The digits recipe; `arg='tiny'` gives the recipe for tests and smoke runs.
+
+  validation: the same recipe on VALIDATION_SPLITS.
 
   tiny: a few steps of a tiny ResNet on 16 px digits. The same recipe with a
   ResNet-18 at width 1/8, a 16-wide projection, 16 px images, batch 64, two
@@ -95,4 +107,6 @@ def get_config(arg: str | None = None):
     c.eval.probe_random_init = False
     c.eval.fewshot_draws = 1
     c.eval.fewshot_shots = (1,)
+  if arg == 'validation':
+    c.dataset.train_split, c.dataset.eval_split = VALIDATION_SPLITS
   return c
