@@ -107,7 +107,7 @@ def test_unknown_recipe_argument_is_one_line_naming_the_known_ones(tmp_path):
   assert _lines(r) == [line], r.stderr[-2000:]
   assert line.startswith('error: --config=') and "get_config('tyni')" in line
   assert "ValueError: unknown argument 'tyni'" in line, line
-  assert line.endswith('takes none or one of: tiny'), line
+  assert line.endswith('takes none or one of: tiny, validation'), line
 
 
 def test_verbosity_brings_library_logs_back(tmp_path):

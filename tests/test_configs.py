@@ -78,5 +78,16 @@ def test_digits_tiny_recipe_is_the_digits_recipe_shrunk():
   assert (tiny.model.width_multiplier, tiny.dataset.image_size,
           tiny.batch_size, tiny.train_steps) == (0.125, 16, 64, 2)
   with pytest.raises(ValueError, match=r"^unknown argument 'huge' of "
-                     r'configs/digits.py; it takes none or one of: tiny$'):
+                     r'configs/digits.py; it takes none or one of: '
+                     r'tiny, validation$'):
     defaults.load_recipe(path, 'huge')
+  # validation: the main recipe on 1,077 + 360 of the 1,437 training images.
+  val = defaults.load_recipe(path, 'validation')
+  assert (val.dataset.train_split, val.dataset.eval_split) == (
+      'train[:1077]', 'train[1077:]')
+  val_dict, full_dict = val.to_dict(), full.to_dict()
+  assert {f'{k}.{f}' for k, v in val_dict.items() if isinstance(v, dict)
+          for f, x in v.items() if full_dict[k][f] != x} == {
+              'dataset.train_split', 'dataset.eval_split'}
+  assert all(full_dict[k] == v for k, v in val_dict.items()
+             if not isinstance(v, dict))
