@@ -50,7 +50,8 @@ def test_overlapping_collective_programs_finish_on_8_virtual_devices():
                      capture_output=True, text=True, cwd=ROOT, env=env,
                      timeout=300, check=False)
   assert p.returncode == 0, p.stderr[-3000:]
-  # x of ones and w = I: 128 columns of tanh(1), 64 * 4 ones, mean(x) = 1.
+  # x of ones and w = I: 128 columns of tanh(1), 64 * 4 ones, mean(x) = 1
+  # (x @ I @ I = x).
   expected = 128 * np.tanh(1.0) + 64 * 4 + 1
   assert abs(float(p.stdout.split()[-1]) - expected) < 1e-3
 
