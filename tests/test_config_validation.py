@@ -15,6 +15,7 @@ from simclr_jax import methods
 from simclr_jax.config import validation as config_validation
 from simclr_jax.config import defaults
 from simclr_jax.config.validation import ConfigError
+from simclr_jax.runtime import durations
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -134,6 +135,25 @@ def test_every_recipe_is_valid():
     config_validation.validate(c, num_devices=8)
 
 
+def test_fashion_mnist_method_recipes_keep_the_short_run_settings():
+  # The methods of the Fashion-MNIST table: that dataset's recipe underneath,
+  # valid with each method's settings on top (no data read).
+  for method in ('moco_v2', 'byol', 'swav', 'supcon'):
+    c = _method_recipe(method, 'fashion_mnist')
+    config_validation.validate(c, num_devices=8)
+    assert (c.method, c.dataset.name, c.model.width_multiplier) == (
+        method, 'fashion_mnist', 0.125)
+  moco = _method_recipe('moco_v2', 'fashion_mnist')
+  assert (moco.moco_v2.momentum, moco.num_epochs) == (0.99, 4)
+  assert moco.moco_v2.queue_size % (2 * moco.batch_size) == 0
+  swav = _method_recipe('swav', 'fashion_mnist')
+  # The prototypes stay frozen for the first epoch: 60,000 // 256 steps.
+  assert durations.steps(swav.swav, 'freeze_prototypes', 60000 // 256) == 234
+  assert swav.swav.queue_length == 3840 and swav.swav.num_prototypes == 100
+  byol = _method_recipe('byol', 'fashion_mnist')
+  assert (byol.byol.momentum, byol.byol.predictor_hidden_dim) == (0.99, 256)
+
+
 def test_unknown_config_field_is_one_line_from_the_cli(tmp_path):
   r = subprocess.run(
       [sys.executable, '-m', 'simclr_jax.main',
@@ -149,9 +169,9 @@ def test_unknown_config_field_is_one_line_from_the_cli(tmp_path):
   assert 'width_multiplier' in last.split(';', 1)[1]
 
 
-def _method_recipe(method: str):
+def _method_recipe(method: str, dataset: str | None = None):
   return defaults.load_recipe(
-      os.path.join(ROOT, 'configs', 'methods', f'{method}.py'))
+      os.path.join(ROOT, 'configs', 'methods', f'{method}.py'), dataset)
 
 
 # Each method validates its own section (Method.validate): (method, field,

@@ -2,6 +2,8 @@ r"""SupCon (supervised contrastive, labels from the dataset).
 
   python -m simclr_jax.main --config=configs/methods/supcon.py:digits \
       --workdir=/tmp/supcon_digits
+  python -m simclr_jax.main --config=configs/methods/supcon.py:fashion_mnist \
+      --workdir=DIR
   python -m simclr_jax.main --config=configs/methods/supcon.py:cifar10 \
       --workdir=DIR --config.dataset.data_dir=TFDS_DIR
 

@@ -305,7 +305,8 @@ def load_recipe(path: str,
 
 
 # Per-dataset SimCLR recipes the method recipes (configs/methods/) start from.
-_DATASET_RECIPES = {'digits': 'digits.py', 'cifar10': 'cifar10_resnet18.py'}
+_DATASET_RECIPES = {'digits': 'digits.py', 'fashion_mnist': 'fashion_mnist.py',
+                    'cifar10': 'cifar10_resnet18.py'}
 
 
 def dataset_recipe(dataset: str, configs_dir: str) -> ml_collections.ConfigDict:
