@@ -163,6 +163,20 @@ def test_metric_writer_rewrites_instead_of_appending(gcs, monkeypatch):
                                                      (3, 0.5)]
 
 
+def test_progress_line_shows_acc_only_when_the_method_reports_it():
+  spec = loop.LoopSpec(name='pretrain', step_fn=None, batches=None,
+                       total_steps=936, steps_per_epoch=234.0, batch_size=256,
+                       rng=None, mesh=None, accuracy_key='contrastive_acc')
+  scalars = dict(epoch=100 / 234, loss=7.49191, learning_rate=0.84617,
+                 examples_per_sec=154.93)
+  without = loop.progress_line(spec, 100, scalars, 1381.0)
+  assert without == ('pretrain step 100/936  epoch 0.4  loss 7.4919  '
+                     'lr 0.8462  154.9 img/s  ETA 0:23:01')
+  with_acc = loop.progress_line(spec, 100, dict(scalars, contrastive_acc=0.5),
+                                1381.0)
+  assert with_acc == without.replace('lr ', 'acc 0.500  lr ')
+
+
 def test_results_nan_diagnostic_and_knn_history(gcs):
   workdir = 'gs://bucket/run'
   train.prepare_workdir(workdir)

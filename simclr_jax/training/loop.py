@@ -338,13 +338,22 @@ class _Reporter:
     scalars = dict(last, examples_per_sec=rate * spec.batch_size,
                    epoch=step / spec.steps_per_epoch)
     eta = (total - step) / rate if rate else float('nan')
-    logging.info(
-        '%s step %d/%d  epoch %.1f  loss %.4f  acc %.3f  lr %.4g  '
-        '%.1f img/s  ETA %s', spec.name, step, total, scalars['epoch'],
-        scalars['loss'], scalars.get(spec.accuracy_key, 0.0),
-        scalars['learning_rate'], scalars['examples_per_sec'],
-        metric_writer.format_eta(eta))
+    logging.info('%s', progress_line(spec, step, scalars, eta))
     self._writer.write(step, scalars)
+
+
+def progress_line(spec: LoopSpec, step: int, scalars: dict,
+                  eta_s: float) -> str:
+  """The log's progress line. 'acc' appears only where the method reports
+  `spec.accuracy_key`: a method without one (MoCo, BYOL, SwAV) would
+  otherwise show a constant 0 that reads as a broken run."""
+  acc = scalars.get(spec.accuracy_key)
+  return (f'{spec.name} step {step}/{spec.total_steps}  '
+          f'epoch {scalars["epoch"]:.1f}  loss {scalars["loss"]:.4f}  '
+          + ('' if acc is None else f'acc {float(acc):.3f}  ')
+          + f'lr {scalars["learning_rate"]:.4g}  '
+          f'{scalars["examples_per_sec"]:.1f} img/s  '
+          f'ETA {metric_writer.format_eta(eta_s)}')
 
 
 def run(spec: LoopSpec, state: Any, workdir: str, *,
