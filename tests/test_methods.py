@@ -121,6 +121,31 @@ def test_projection_loss_methods_score_the_right_pairs(name):
                              atol=1e-5)
 
 
+# The predictor methods' pair loss of (predictions p, target projections z).
+PREDICTOR = {
+    'byol': lambda c, p, z: losses.byol(*p, *z),
+    'moco_v3': lambda c, p, z: losses.moco_v3(*p, *z, c.loss.temperature),
+}
+
+
+@pytest.mark.parametrize('name', sorted(PREDICTOR))
+def test_predictor_methods_score_each_view_against_the_other_target(name):
+  # At step 0 the target network is a copy of the online one, so the
+  # targets are the online projections of the same views.
+  c, setup, state0, _, metrics, batch = _one_step(name)
+  out, _ = _online(setup, state0, batch)
+  expected = float(PREDICTOR[name](c, _split(out['prediction']),
+                                   _split(out['projection'])))
+  assert math.isfinite(expected)
+  np.testing.assert_allclose(metrics['contrastive_loss'], expected, rtol=2e-4,
+                             atol=1e-5)
+  # Each view against its own target would be another number.
+  p_a, p_b = _split(out['prediction'])
+  z_a, z_b = _split(out['projection'])
+  same_view = float(PREDICTOR[name](c, (p_a, p_b), (z_b, z_a)))
+  assert abs(same_view - expected) > 1e-3
+
+
 def _ema(old, new, m):
   return jax.tree.map(lambda o, n: m * np.asarray(o) + (1 - m) * np.asarray(n),
                       old, new)

@@ -15,7 +15,7 @@ sub-batch, does not arise when statistics cover the whole global batch.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -92,6 +92,20 @@ class _MomentumMethod(base.Method):
     new['target_batch_stats'] = payload['target_batch_stats']
     return new
 
+  def predictor_loss(self, model, params, batch_stats, extra, batch,
+                     pair_loss: Callable[..., jax.Array]):
+    """The predictor methods' step (MoCo v3, BYOL): `pair_loss(p1, p2, z1,
+    z2)` of the online predictions p and the target projections z of the
+    two views; they differ only in that function."""
+    out, new_stats = self.forward(model, params, batch_stats, batch.x)
+    p1, p2 = base.pairs(out['prediction'])
+    z, target_stats = self.target_projections(model, extra, batch.x)
+    z1, z2 = base.pairs(z)
+    total, metrics = self.add_linear_head(pair_loss(p1, p2, z1, z2), {}, out,
+                                          batch)
+    return total, base.LossOutput(metrics, new_stats,
+                                  payload={'target_batch_stats': target_stats})
+
 
 class MoCoV2(_MomentumMethod):
   """MoCo v2 (Chen et al. 2020b): momentum key encoder and a queue of keys.
@@ -166,14 +180,10 @@ class MoCoV3(_MomentumMethod):
   resume_shape_fields = ('moco_v3.predictor_hidden_dim',)
 
   def loss(self, model, params, batch_stats, extra, batch):
-    out, new_stats = self.forward(model, params, batch_stats, batch.x)
-    q1, q2 = base.pairs(out['prediction'])
-    k, target_stats = self.target_projections(model, extra, batch.x)
-    k1, k2 = base.pairs(k)
-    loss = losses.moco_v3(q1, q2, k1, k2, self.config.loss.temperature)
-    total, metrics = self.add_linear_head(loss, {}, out, batch)
-    return total, base.LossOutput(metrics, new_stats,
-                                  payload={'target_batch_stats': target_stats})
+    t = self.config.loss.temperature
+    return self.predictor_loss(
+        model, params, batch_stats, extra, batch,
+        lambda q1, q2, k1, k2: losses.moco_v3(q1, q2, k1, k2, t))
 
 
 class BYOL(_MomentumMethod):
@@ -187,11 +197,5 @@ class BYOL(_MomentumMethod):
   resume_shape_fields = ('byol.predictor_hidden_dim',)
 
   def loss(self, model, params, batch_stats, extra, batch):
-    out, new_stats = self.forward(model, params, batch_stats, batch.x)
-    p1, p2 = base.pairs(out['prediction'])
-    z, target_stats = self.target_projections(model, extra, batch.x)
-    z1, z2 = base.pairs(z)
-    loss = losses.byol(p1, p2, z1, z2)
-    total, metrics = self.add_linear_head(loss, {}, out, batch)
-    return total, base.LossOutput(metrics, new_stats,
-                                  payload={'target_batch_stats': target_stats})
+    return self.predictor_loss(model, params, batch_stats, extra, batch,
+                               losses.byol)
