@@ -147,8 +147,13 @@ def test_fashion_mnist_method_recipes_keep_the_short_run_settings():
   assert (moco.moco_v2.momentum, moco.num_epochs) == (0.99, 4)
   assert moco.moco_v2.queue_size % (2 * moco.batch_size) == 0
   swav = _method_recipe('swav', 'fashion_mnist')
-  # The prototypes stay frozen for the first epoch: 60,000 // 256 steps.
+  # The prototypes stay frozen for the first epoch: 60,000 // 256 steps; on
+  # digits 1,437 // 256 and on CIFAR-10 50,000 // 512, as before.
   assert durations.steps(swav.swav, 'freeze_prototypes', 60000 // 256) == 234
+  for dataset, steps_per_epoch, steps in (('digits', 1437 // 256, 5),
+                                          ('cifar10', 50000 // 512, 97)):
+    s = _method_recipe('swav', dataset).swav
+    assert durations.steps(s, 'freeze_prototypes', steps_per_epoch) == steps
   assert swav.swav.queue_length == 3840 and swav.swav.num_prototypes == 100
   byol = _method_recipe('byol', 'fashion_mnist')
   assert (byol.byol.momentum, byol.byol.predictor_hidden_dim) == (0.99, 256)

@@ -133,14 +133,13 @@ def _check_predictor_loss(name, c, setup, state0, metrics, batch):
   target. At step 0 the target network is a copy of the online one, so the
   targets are the online projections of the same views."""
   out, _ = _online(setup, state0, batch)
-  expected = float(PREDICTOR[name](c, _split(out['prediction']),
-                                   _split(out['projection'])))
+  p_a, p_b = _split(out['prediction'])
+  z_a, z_b = _split(out['projection'])
+  expected = float(PREDICTOR[name](c, (p_a, p_b), (z_a, z_b)))
   assert math.isfinite(expected)
   np.testing.assert_allclose(metrics['contrastive_loss'], expected, rtol=2e-4,
                              atol=1e-5)
   # Each view against its own target would be another number.
-  p_a, p_b = _split(out['prediction'])
-  z_a, z_b = _split(out['projection'])
   same_view = float(PREDICTOR[name](c, (p_a, p_b), (z_b, z_a)))
   assert abs(same_view - expected) > 1e-3
 
