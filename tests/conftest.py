@@ -14,25 +14,37 @@ import ast
 import os
 import tempfile
 
-# The programs a test starts (the training, study and CLI runs) each compile
-# the train step afresh, and on a 2-core machine XLA's compile time, not the
-# run time, is most of their cost. XLA's cheap settings compile them several
-# times faster. A test that compares such a run with one computed inside the
-# test process (which keeps the defaults) must not use them: the two differ
-# in the last bits. The test processes themselves keep XLA's defaults: they also
-# run tests that train for a hundred steps, which those settings slow.
+# Nearly every test's cost on a 2-core machine is XLA compiling a train step
+# (in the test process or in a program the test starts), not running it:
+# the tests run a step or a few. XLA's cheap settings compile several times
+# faster and change no result beyond the last bits, so the test processes
+# and the programs they start all use them, and a run in a subprocess can be
+# compared with one computed inside the test process to rounding.
 CHEAP_COMPILE = ('--xla_backend_optimization_level=0',
                  '--xla_llvm_disable_expensive_passes=true')
 
 
-def xla_flags(devices: int = 8, cheap: bool = True) -> str:
-  """XLA_FLAGS for a test's subprocess: `devices` virtual CPU devices and,
-  with `cheap`, the cheap compile settings."""
+def xla_flags(devices: int = 8) -> str:
+  """XLA_FLAGS for a test's subprocess: `devices` virtual CPU devices and
+  the cheap compile settings."""
   return ' '.join((f'--xla_force_host_platform_device_count={devices}',
-                   *(CHEAP_COMPILE if cheap else ())))
+                   *CHEAP_COMPILE))
 
 
-os.environ.setdefault('XLA_FLAGS', xla_flags(cheap=False))
+def _with_cheap_compile(flags: str) -> str:
+  """The caller's XLA_FLAGS (8 devices if it named no count) plus the cheap
+  compile settings it does not set itself."""
+  words = flags.split()
+  if not any(w.startswith('--xla_force_host_platform_device_count=')
+             for w in words):
+    words.append('--xla_force_host_platform_device_count=8')
+  for flag in CHEAP_COMPILE:
+    if not any(w.startswith(flag.split('=')[0] + '=') for w in words):
+      words.append(flag)
+  return ' '.join(words)
+
+
+os.environ['XLA_FLAGS'] = _with_cheap_compile(os.environ.get('XLA_FLAGS', ''))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # Keep TensorFlow and XLA from fighting over the 2 cores of a CI machine.
 os.environ.setdefault('TF_NUM_INTEROP_THREADS', '1')

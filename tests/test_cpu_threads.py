@@ -42,7 +42,7 @@ print('result', float(r))
 
 def test_overlapping_collective_programs_finish_on_8_virtual_devices():
   env = dict(os.environ, XLA_FLAGS=' '.join((
-      xla_flags(8, cheap=True),
+      xla_flags(8),
       '--xla_cpu_collective_call_terminate_timeout_seconds=20',
       '--xla_cpu_collective_call_warn_stuck_timeout_seconds=10')))
   env.pop('NPROC', None)

@@ -33,10 +33,10 @@ TOTAL = 6
 # evaluation) for TOTAL steps, all checkpoints kept, so any intermediate
 # state of the reference can be compared.
 BASE = (f'--config.train_steps={TOTAL}', '--config.keep_checkpoints=20')
-# XLA's default compile settings: test_adapt compares these runs with one
-# computed inside the test process, to 1e-6.
+# The test process's compile settings (tests/conftest.py): test_adapt
+# compares these runs with one computed inside the test process, to 1e-6.
 ENV = dict(os.environ,
-           XLA_FLAGS=xla_flags(cheap=False),
+           XLA_FLAGS=xla_flags(),
            JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
            TF_NUM_INTEROP_THREADS='1')
 TMP_SUFFIX = '.orbax-checkpoint-tmp'

@@ -2,16 +2,18 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from simclr_jax.config import defaults
-from simclr_jax.training import pretrain as train
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
 
 
-@pytest.mark.parametrize('backend', ['tf', 'jax'])
-def test_pretrain_digits_both_backends(tmp_path, backend):
+def _config(backend: str):
+  from simclr_jax.config import defaults  # pylint: disable=g-import-not-at-top
   c = defaults.base_config()
   c.dataset.image_size = 16
   c.augment.backend = backend
@@ -30,9 +32,31 @@ def test_pretrain_digits_both_backends(tmp_path, backend):
   c.optim.warmup_steps = 5
   c.optim.base_learning_rate = 4.0
   c.log_every_steps = 1
-  out = train.pretrain(c, str(tmp_path))
-  assert out['steps'] == 100 and np.isfinite(out['final_train_loss'])
+  return c
 
+
+def _pretrain(backend: str, workdir: str) -> None:
+  """Runs in the subprocess below: pretrains, prints the results as JSON."""
+  from simclr_jax.training import pretrain as train  # pylint: disable=g-import-not-at-top
+  out = train.pretrain(_config(backend), workdir)
+  print(json.dumps({k: out[k] for k in ('steps', 'final_train_loss')}))
+
+
+@pytest.mark.parametrize('backend', ['tf', 'jax'])
+def test_pretrain_digits_both_backends(tmp_path, backend):
+  # In a process of its own with XLA's default compile settings: under the
+  # test process's cheap ones (tests/conftest.py) these 100 steps take about
+  # twice as long.
+  code = ('import sys; sys.path.insert(0, sys.argv[1]); '
+          'import test_pretrain_backends as t; t._pretrain(*sys.argv[2:])')
+  env = dict(os.environ,
+             XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  r = subprocess.run([sys.executable, '-c', code, HERE, backend,
+                      str(tmp_path)], capture_output=True, text=True,
+                     cwd=ROOT, env=env, timeout=900)
+  assert r.returncode == 0, r.stderr[-3000:]
+  out = json.loads(r.stdout.strip().splitlines()[-1])
+  assert out['steps'] == 100 and np.isfinite(out['final_train_loss'])
   with open(os.path.join(tmp_path, 'metrics.jsonl')) as f:
     rows = [r for r in map(json.loads, f) if 'loss' in r]
   assert [r['step'] for r in rows] == list(range(1, 101))
