@@ -1,4 +1,5 @@
-"""Test setup: 8 virtual CPU devices unless the caller already chose.
+"""Test setup: 8 virtual CPU devices unless the caller already chose, and
+XLA's cheap compile settings.
 
 A persistent compilation cache shared by this run's tests and the
 training subprocesses they start (one per pytest-xdist worker): resume, fault and CLI tests compile the
@@ -19,7 +20,9 @@ import tempfile
 # the tests run a step or a few. XLA's cheap settings compile several times
 # faster and change no result beyond the last bits, so the test processes
 # and the programs they start all use them, and a run in a subprocess can be
-# compared with one computed inside the test process to rounding.
+# compared with one computed inside the test process to rounding. The code
+# they compile runs about 2x slower, so the one test that trains 100 steps
+# (test_pretrain_backends.py) does so in a process with the defaults.
 CHEAP_COMPILE = ('--xla_backend_optimization_level=0',
                  '--xla_llvm_disable_expensive_passes=true')
 
