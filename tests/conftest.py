@@ -27,11 +27,11 @@ CHEAP_COMPILE = ('--xla_backend_optimization_level=0',
                  '--xla_llvm_disable_expensive_passes=true')
 
 
-def xla_flags(devices: int = 8) -> str:
-  """XLA_FLAGS for a test's subprocess: `devices` virtual CPU devices and
-  the cheap compile settings."""
+def xla_flags(devices: int = 8, cheap: bool = True) -> str:
+  """XLA_FLAGS for a test's subprocess: `devices` virtual CPU devices and,
+  with `cheap`, the cheap compile settings."""
   return ' '.join((f'--xla_force_host_platform_device_count={devices}',
-                   *CHEAP_COMPILE))
+                   *(CHEAP_COMPILE if cheap else ())))
 
 
 def _with_cheap_compile(flags: str) -> str:

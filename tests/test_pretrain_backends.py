@@ -46,11 +46,12 @@ def _pretrain(backend: str, workdir: str) -> None:
 def test_pretrain_digits_both_backends(tmp_path, backend):
   # In a process of its own with XLA's default compile settings: under the
   # test process's cheap ones (tests/conftest.py) these 100 steps take about
-  # twice as long.
+  # twice as long. Imported here, not at the top: the subprocess imports this
+  # module, and conftest would set the cheap settings there too.
+  from conftest import xla_flags  # pylint: disable=g-import-not-at-top
   code = ('import sys; sys.path.insert(0, sys.argv[1]); '
           'import test_pretrain_backends as t; t._pretrain(*sys.argv[2:])')
-  env = dict(os.environ,
-             XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  env = dict(os.environ, XLA_FLAGS=xla_flags(cheap=False))
   r = subprocess.run([sys.executable, '-c', code, HERE, backend,
                       str(tmp_path)], capture_output=True, text=True,
                      cwd=ROOT, env=env, timeout=900)
