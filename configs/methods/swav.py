@@ -9,11 +9,14 @@ r"""SwAV (prototypes, Sinkhorn-Knopp codes, swapped prediction).
 
 3000 prototypes on CIFAR-10 (100 for the 10 classes of digits and
 Fashion-MNIST), epsilon 0.05, 3 Sinkhorn iterations, T 0.1, prototypes
-frozen for the first epoch. The short CPU runs at batch 256 also give the
-codes a queue of recent features per view from the end of warmup on, as the
-paper does for small batches: 1024 on digits (5 steps an epoch, warmup to
-epoch 5), 3840 (15 batches) on Fashion-MNIST (warmup to epoch 0.5).
-CIFAR-10 runs without a queue.
+frozen for the first epoch. The digits run at batch 256 also gives the
+codes a queue of 1024 recent features per view from epoch 5 (the end of
+warmup; 5 steps an epoch), as the paper does for small batches. Fashion-MNIST
+and CIFAR-10 run without a queue: on Fashion-MNIST's validation split
+(seed 0, four epochs) a queue of 3840 from epoch 0.5 left SwAV at 75.4% on
+the linear probe and 66.3% on kNN, and no queue reached 82.3% and 81.8%
+(docs/fashion_mnist.md); its 15 batches of features, made by an encoder that
+is still changing fast, spoil the codes of so short a run.
 Everything else (model, optimiser, schedule, augmentation, evaluation) is the
 SimCLR recipe of the dataset, so methods compare at equal budget.
 """
@@ -35,7 +38,4 @@ def get_config(dataset: str = 'digits'):
   if dataset == 'digits':
     c.swav.queue_length = 4 * c.batch_size  # 1024 of 1437 images.
     c.swav.queue_start_epochs = 5
-  elif dataset == 'fashion_mnist':
-    c.swav.queue_length = 15 * c.batch_size
-    c.swav.queue_start_epochs = c.optim.warmup_epochs
   return c
