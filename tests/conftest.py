@@ -13,6 +13,7 @@ which test modules import from here.
 
 import ast
 import os
+import shutil
 import tempfile
 
 # Nearly every test's cost on a 2-core machine is XLA compiling a train step
@@ -51,8 +52,12 @@ os.environ['XLA_FLAGS'] = _with_cheap_compile(os.environ.get('XLA_FLAGS', ''))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # Keep TensorFlow and XLA from fighting over the 2 cores of a CI machine.
 os.environ.setdefault('TF_NUM_INTEROP_THREADS', '1')
-os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
-                      tempfile.mkdtemp(prefix='simclr_jax_test_cache_'))
+# The cache this process made (None in an xdist worker, which inherits the
+# controller's, or where the caller chose one); pytest_sessionfinish removes it.
+_OWN_CACHE = None
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  _OWN_CACHE = tempfile.mkdtemp(prefix='simclr_jax_test_cache_')
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _OWN_CACHE
 # Under pytest-xdist every worker inherits the controller's environment, so
 # the workers would share one cache directory and could read an entry while
 # another process writes it; give each worker its own.
@@ -92,3 +97,10 @@ def tiny_config(*flags: str):
     section[leaf] = value if isinstance(old, str) else type(old)(
         ast.literal_eval(value))
   return c
+
+
+def pytest_sessionfinish(session, exitstatus):  # pylint: disable=unused-argument
+  """Removes the compilation cache this run made: a cache is only useful
+  within one run (see the module docstring), and each holds tens of MB."""
+  if _OWN_CACHE is not None:
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
