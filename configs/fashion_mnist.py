@@ -53,7 +53,10 @@ def get_config(arg: str | None = None):
   c.augment.flip = True
   c.model.depth = 18
   c.model.width_multiplier = 0.125
-  c.loss.temperature = 0.2
+  # Chosen on the validation split from 0.1, 0.2 and 0.5 at two seeds
+  # (docs/fashion_mnist.md): 0.5 is ahead at one label per class and level
+  # on the other read-outs.
+  c.loss.temperature = 0.5
   c.batch_size = 256
   c.num_epochs = 4
   c.optim.name = 'lars'
