@@ -147,8 +147,17 @@ def test_evaluate_encoder_reads_one_batch_at_a_time(digits_setup,
 
   monkeypatch.setattr(pipeline, 'load_eval_arrays', whole_split)
   counter = _ChunkCounter(monkeypatch)
+  logged = []
+  monkeypatch.setattr(pretrain.logging, 'info',
+                      lambda msg, *args: logged.append(msg % args))
   state = pretrain.initial_state(setup)
   results = pretrain.evaluate_encoder(setup, state)
+  # Each read-out is announced and timed in the log, in the order it runs.
+  starts = [m for m in logged if m.startswith('Read-out') and '(' in m]
+  assert [m.split(':')[0] for m in starts] == [
+      'Read-out 1/3', 'Read-out 2/3', 'Read-out 3/3']
+  assert 'pretrained encoder' in starts[0] and 'raw pixels' in starts[2]
+  assert sum('finished in' in m for m in logged) == 3
   assert counter.largest <= setup.config.eval.batch_size
   assert set(counter.requested) == {setup.config.eval.batch_size}
   assert results['pixel_train_examples'] == 1437

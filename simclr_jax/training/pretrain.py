@@ -9,6 +9,7 @@ frozen representation out (probes, few-shot probes, kNN), pretrained against
 random init.
 """
 
+import contextlib
 import dataclasses
 import functools
 import time
@@ -296,6 +297,16 @@ def probe_dataset(setup: Setup) -> tuple[ml_collections.ConfigDict, bool]:
   return ec, info.labelled
 
 
+@contextlib.contextmanager
+def _logged_readout(k: int, n: int, what: str) -> Iterator[None]:
+  """Logs read-out k of n and its time: each takes minutes on a CPU and
+  writes no step lines of its own, so the log would otherwise stall."""
+  logging.info('Read-out %d/%d: %s (probe, few-shot probes, kNN)', k, n, what)
+  start = time.time()
+  yield
+  logging.info('Read-out %d/%d finished in %.0f s', k, n, time.time() - start)
+
+
 def evaluate_encoder(setup: Setup, state: state_lib.TrainState) -> dict:
   """Frozen-feature probes, few-shot probes and kNN, pretrained vs random.
 
@@ -325,23 +336,27 @@ def evaluate_encoder(setup: Setup, state: state_lib.TrainState) -> dict:
     return readout.evaluate_frozen(train, test, eval_config=c.eval,
                                    seed=c.seed, mesh=setup.mesh)
 
-  results = probe(state_lib.variables_of(state))
+  n = 1 + bool(c.eval.probe_random_init) + bool(c.eval.probe_pixels)
+  with _logged_readout(1, n, 'the pretrained encoder'):
+    results = probe(state_lib.variables_of(state))
   if c.eval.probe_random_init:
-    init = jax.device_get(initial_state(setup))
-    rand = probe(recalibrate_batch_stats(setup, state_lib.variables_of(init),
-                                         ec))
+    with _logged_readout(2, n, 'the same network at random init'):
+      init = jax.device_get(initial_state(setup))
+      rand = probe(recalibrate_batch_stats(
+          setup, state_lib.variables_of(init), ec))
     # The README's results.json names: random_init_probe_accuracy for the
     # all-label probe, random_init_fewshot_probe_accuracy, ...
     results.update(readout.prefixed('random_init_', rand))
     results['random_init_bn_batches'] = RANDOM_INIT_BN_BATCHES
   if c.eval.probe_pixels:
     # A seeded subsample of each split beyond eval.pixel_max_examples.
-    pixels = [readout.sample_pixels(
-        ec, split, max_examples=c.eval.pixel_max_examples, seed=c.seed,
-        batch_size=c.eval.batch_size)
-              for split in (ec.dataset.train_split, ec.dataset.eval_split)]
-    results.update(readout.prefixed('pixel_', readout.evaluate_pixels(
-        *pixels, eval_config=c.eval, seed=c.seed, mesh=setup.mesh)))
+    with _logged_readout(n, n, 'the raw pixels'):
+      pixels = [readout.sample_pixels(
+          ec, split, max_examples=c.eval.pixel_max_examples, seed=c.seed,
+          batch_size=c.eval.batch_size)
+                for split in (ec.dataset.train_split, ec.dataset.eval_split)]
+      results.update(readout.prefixed('pixel_', readout.evaluate_pixels(
+          *pixels, eval_config=c.eval, seed=c.seed, mesh=setup.mesh)))
     results['pixel_train_examples'] = len(pixels[0][1])
     results['pixel_test_examples'] = len(pixels[1][1])
   results['eval_wall_time_s'] = time.time() - t0
