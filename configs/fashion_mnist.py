@@ -66,11 +66,8 @@ def get_config(arg: str | None = None):
   c.checkpoint_every_steps = 200
   c.eval.knn_k = 20
   c.eval.fewshot_shots = (1, 10, 100)
-  # The pixel baseline reads a seeded 10,000 of the training images (the
-  # default eval.pixel_max_examples) and all 10,000 test images: its
-  # all-label probe on all 60,000 flattened images (2,352 values each) is
-  # the slowest read-out on a CPU by far. docs/fashion_mnist.md gives the
-  # pixels on more images too.
+  # The baselines read the images the encoder is read out on: all 60,000
+  # training and 10,000 test images, 784 grey values each for the pixels.
   # Downstream modes (--config.init_from=ITS_WORKDIR): SimCLRv2 fine-tuning
   # from head layer 1 on 1% or 10% of the labels, and distillation.
   c.model.ft_proj_selector = 1

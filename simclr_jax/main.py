@@ -81,7 +81,7 @@ def _report(config, mode: str, workdir: str, results: dict,
   """Adds provenance, writes results.json and logs it (less `omit`)."""
   from simclr_jax.runtime import provenance  # pylint: disable=g-import-not-at-top
   results['provenance'] = provenance.for_mode(
-      config, mode, time.monotonic() - _START)
+      config, mode, time.monotonic() - _START, workdir)
   path = results_lib.write_results(workdir, results)
   logging.info('Results: %s', results_lib.summary(
       results, omit=('provenance', *omit)))
@@ -174,6 +174,12 @@ def main(argv):
                  timeout_s=FLAGS.initialization_timeout,
                  peer_timeout_s=FLAGS.peer_timeout)
   entry.check_accelerator(FLAGS.config, FLAGS.allow_cpu)
+  # pylint: disable=g-import-not-at-top
+  from simclr_jax.runtime import provenance
+  from simclr_jax.training import workdir as workdir_lib
+  with entry.exit_on_error():
+    workdir_lib.prepare_workdir(FLAGS.workdir)
+  provenance.record_start(FLAGS.workdir)  # Before any step: what code ran.
   config = _resolve(FLAGS.config, FLAGS.mode)
   if FLAGS.mode == 'pretrain':
     run_pretrain(config, FLAGS.workdir)

@@ -147,6 +147,15 @@ def test_default_run_prints_only_the_projects_lines(tmp_path):
   if head:  # The suite runs from a checkout (CI clones the repository).
     assert prov['code']['source'] == 'git'
     assert prov['code']['version'] in (head, head + '-dirty')
+    assert prov['code']['commit'] == head
+    dirty = subprocess.run(['git', '-C', ROOT, 'status', '--porcelain',
+                            '--untracked-files=no'], capture_output=True,
+                           text=True).stdout.strip()
+    assert prov['code']['clean'] == (not dirty)
+  # The version was read at the start, and the start recorded in the workdir.
+  assert [s['version'] for s in prov['code_starts']] == [
+      prov['code']['version']]
+  assert prov['code_at_finish']['version'] == prov['code']['version']
   assert prov['platform'] == 'cpu' and prov['device_count'] == 8
   assert prov['process_count'] == 1 and prov['compute_dtype'] == 'float32'
   batch = tiny_config().batch_size
@@ -154,6 +163,23 @@ def test_default_run_prints_only_the_projects_lines(tmp_path):
   assert prov['per_device_batch'] == batch // 8
   assert prov['libraries']['jax'] == importlib.metadata.version('jax')
   assert prov['wall_time_s'] > 0
+
+
+def test_results_credit_the_code_a_run_started_with(tmp_path, monkeypatch):
+  """A tree changed while a run trains: results.json names the version at
+  the start, the one at the finish, and every start in the workdir."""
+  from simclr_jax.runtime import provenance  # pylint: disable=g-import-not-at-top
+  versions = iter([{'source': 'git', 'version': 'aaa', 'clean': True},
+                   {'source': 'git', 'version': 'bbb-dirty', 'clean': False},
+                   {'source': 'git', 'version': 'ccc', 'clean': True}])
+  monkeypatch.setattr(provenance, 'code_version', lambda: next(versions))
+  monkeypatch.setattr(provenance, '_AT_START', None)
+  provenance.record_start(str(tmp_path))  # aaa
+  provenance.record_start(str(tmp_path))  # bbb-dirty: a resume
+  prov = provenance.collect(workdir=str(tmp_path))  # ccc at the finish
+  assert prov['code']['version'] == 'bbb-dirty'
+  assert prov['code_at_finish']['version'] == 'ccc'
+  assert [s['version'] for s in prov['code_starts']] == ['aaa', 'bbb-dirty']
 
 
 def test_accelerator_recipe_on_cpu_is_refused_unless_asked(tmp_path):

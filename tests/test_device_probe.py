@@ -103,8 +103,40 @@ def test_choice_of_c_sees_training_rows_only(blobs, monkeypatch):
   assert accuracy > 0.8 and 0.0 <= nan <= 1.0
   # The choice does move with the training labels, so the checks above are
   # not vacuous: labels no feature predicts want the strongest penalty.
+  # The grid grows below its start, one step at a time, to its floor.
   noise = rng.integers(0, 3, len(train_y))
-  assert probe.fit_probe(train_x, noise).c == min(probe.C_GRID)
+  chosen = probe.fit_probe(train_x, noise).c
+  assert probe.C_RANGE[0] <= chosen < probe.C_RANGE[0] * 3.5
+
+
+def test_grid_grows_until_the_choice_is_inside_it(monkeypatch):
+  """Blobs that want less regularisation than the starting grid offers: the
+  grid grows upward until the best C has a fitted neighbour on each side,
+  and the best is the one scikit-learn's held-out cross-entropy picks."""
+  from simclr_jax.data.sampling import stratified_fraction  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  centres = 2.0 * rng.normal(size=(3, 6))
+  y = rng.integers(0, 3, 400)
+  x = (centres[y] + 2.0 * rng.normal(size=(400, 6))).astype(np.float32)
+  tried, inner = [], probe._fit_rows
+  def recording(data, k, w, c, init=None):
+    tried.append(c)
+    return inner(data, k, w, c, init)
+  monkeypatch.setattr(probe, '_fit_rows', recording)
+  chosen = probe.fit_probe(x, y, seed=3).c
+  grid = sorted(set(tried))
+  assert max(grid) > max(probe.C_GRID) and chosen > max(probe.C_GRID)
+  assert min(grid) < chosen < max(grid)
+  held = stratified_fraction(y, probe.VALIDATION_FRACTION, 3)
+  kept = np.setdiff1d(np.arange(len(y)), held)
+  scaler = preprocessing.StandardScaler().fit(np.float64(x[kept]))
+  def held_loss(c):
+    model = linear_model.LogisticRegression(C=c, max_iter=5000, tol=1e-8)
+    model.fit(scaler.transform(np.float64(x[kept])), y[kept])
+    p = model.predict_proba(scaler.transform(np.float64(x[held])))
+    return -np.sum(np.log(p[np.arange(len(held)), y[held]]))
+  losses = {c: held_loss(c) for c in grid}
+  assert losses[chosen] <= min(losses.values()) * (1 + 1e-3)
 
 
 @needs_8

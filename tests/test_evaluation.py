@@ -207,11 +207,14 @@ def test_evaluate_features_keys(probe_data):
   got = evaluation.evaluate_features(
       x_train, y_train, x_test, y_test, knn_k=20, knn_temperature=0.1,
       shots=(1, 5, 10), draws=2, seed=0)
-  assert set(got) == {'linear_probe_accuracy', 'fewshot_probe_accuracy',
-                      'knn_accuracy'}
+  assert set(got) == {'linear_probe_accuracy', 'linear_probe_c',
+                      'fewshot_probe_accuracy', 'knn_accuracy'}
   assert set(got['fewshot_probe_accuracy']) == {'1', '5', '10'}
   assert got['linear_probe_accuracy'] == evaluation.linear_probe_accuracy(
       x_train, y_train, x_test, y_test, seed=0)
+  # The C recorded is the one the probe chose, which reproduces its accuracy.
+  assert got['linear_probe_accuracy'] == evaluation.linear_probe_accuracy(
+      x_train, y_train, x_test, y_test, c_grid=(got['linear_probe_c'],))
   assert got['knn_accuracy'] == evaluation.knn_accuracy(
       x_train, y_train, x_test, y_test, 4, k=20, temperature=0.1)
   assert all(isinstance(v, float) for v in got['fewshot_probe_accuracy']
@@ -299,15 +302,35 @@ def test_pixel_baseline_reads_out_the_flattened_images():
   c.knn_k, c.fewshot_shots, c.fewshot_draws = 5, (2,), 2
   got = readout.prefixed('pixel_', readout.evaluate_pixels(
       train, test, eval_config=c, seed=0))
-  assert set(got) == {'pixel_probe_accuracy', 'pixel_fewshot_probe_accuracy',
-                      'pixel_knn_accuracy'}
+  assert set(got) == {'pixel_probe_accuracy', 'pixel_probe_c',
+                      'pixel_fewshot_probe_accuracy', 'pixel_knn_accuracy'}
   flat_train, flat_test = train[0].reshape(60, -1), test[0].reshape(30, -1)
   predicted, _, _ = _knn_reference(flat_train, train[1], flat_test, 3, 5,
                                    c.knn_temperature)
   assert got['pixel_knn_accuracy'] == pytest.approx(
       np.mean(predicted == test[1]))
   scaler = preprocessing.StandardScaler().fit(flat_train)
-  clf = linear_model.LogisticRegression(C=probe.DEFAULT_C, max_iter=1000)
+  clf = linear_model.LogisticRegression(C=got['pixel_probe_c'], max_iter=1000)
   clf.fit(scaler.transform(flat_train), train[1])
   assert got['pixel_probe_accuracy'] == pytest.approx(
       np.mean(clf.predict(scaler.transform(flat_test)) == test[1]), abs=0.04)
+
+
+@pytest.mark.parametrize('name, channels', [('digits', 1), ('digits_m', 3)])
+def test_pixel_baseline_reads_every_image_and_grey_pixels_once(name, channels):
+  """The pixels of the whole split (the images the encoder reads), one value
+  per pixel for a grey dataset, against the eval images read directly."""
+  from simclr_jax.config import defaults  # pylint: disable=g-import-not-at-top
+  from simclr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from simclr_jax.evaluation import readout  # pylint: disable=g-import-not-at-top
+  c = defaults.base_config()
+  c.dataset.name, c.dataset.image_size = name, 8
+  assert c.eval.pixel_max_examples == 0  # The default: every image.
+  images, labels = pipeline.load_eval_arrays(c, 'train')
+  x, y = readout.sample_pixels(c, 'train', max_examples=0, seed=0,
+                               batch_size=100)
+  np.testing.assert_array_equal(y, labels)
+  np.testing.assert_array_equal(
+      x, images[..., :channels].reshape(len(labels), -1))
+  if channels == 1:  # Grey: the channels dropped were copies.
+    np.testing.assert_array_equal(images[..., 1], images[..., 0])

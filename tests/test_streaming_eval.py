@@ -123,7 +123,7 @@ def test_streamed_features_equal_whole_array(digits_setup, monkeypatch):
 def test_pixel_sample_is_seeded_subset_in_split_order():
   c = _digits_config()
   images, labels = pipeline.load_eval_arrays(c, 'train')
-  flat = images.reshape(len(images), -1)
+  flat = images[..., :1].reshape(len(images), -1)  # Grey: one channel.
   whole = readout.sample_pixels(c, 'train', max_examples=5000, seed=0,
                                 batch_size=100)
   np.testing.assert_array_equal(whole[0], flat)
@@ -160,8 +160,11 @@ def test_evaluate_encoder_reads_one_batch_at_a_time(digits_setup,
   assert sum('finished in' in m for m in logged) == 3
   assert counter.largest <= setup.config.eval.batch_size
   assert set(counter.requested) == {setup.config.eval.batch_size}
+  # Every baseline reads the images the encoder reads.
   assert results['pixel_train_examples'] == 1437
   assert results['pixel_test_examples'] == 360
+  assert results['probe_train_examples'] == 1437
+  assert results['probe_test_examples'] == 360
   assert results['random_init_bn_batches'] == pretrain.RANDOM_INIT_BN_BATCHES
   for key in ('linear_probe_accuracy', 'knn_accuracy',
               'random_init_probe_accuracy', 'pixel_knn_accuracy'):

@@ -256,6 +256,47 @@ def test_seed_axis_gives_mean_and_std_per_setting(tmp_path, fake_main):
           f'{100 * pixel.mean():.2f} ± {100 * pixel.std(ddof=1):.2f} |') in md
 
 
+def test_seeds_pool_only_from_one_clean_commit(tmp_path, fake_main):
+  """The paired encoder-minus-pixels differences against NumPy, with their
+  verdict; a point from a dirty tree or another commit stops the pooling
+  unless asked, and the report names it."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  w = str(tmp_path / 'study')
+  assert study.main([f'--config={DIGITS}', f'--workdir={w}',
+                     '--sweep=batch_size=64,512', '--sweep=seed=0,1,3',
+                     f'--main_module={fake_main}']) == 0
+  out = json.load(open(os.path.join(w, 'study.json')))
+  pixel = np.array([0.3 + s ** 2 / 100 for s in (0, 1, 3)])
+  for g in out['summary']:
+    p = next(p for p in g['paired'] if p['metric'] == 'knn_accuracy')
+    assert p['baseline'] == 'pixel_knn_accuracy' and p['n'] == 3
+    diffs = g['settings']['batch_size'] / 1000 - pixel
+    assert p['mean'] == pytest.approx(diffs.mean())
+    assert p['std'] == pytest.approx(diffs.std(ddof=1))
+    # 64: -0.24 ± 0.05 is behind; 512: +0.21 ± 0.05 is ahead.
+    assert p['verdict'] == ('behind' if diffs.mean() < 0 else 'ahead')
+  assert '| 512 | knn_accuracy | pixel_knn_accuracy | 3 |' in open(
+      os.path.join(w, 'study.md')).read()
+  for version, why in (('abc-dirty', 'uncommitted changes'),
+                       ('def', 'ran def, the others abc')):
+    path = os.path.join(w, 'points', 'batch_size-64__seed-1', 'results.json')
+    r = json.load(open(path))
+    r['provenance']['code']['version'] = version
+    json.dump(r, open(path, 'w'))
+    with pytest.raises(study.StudyError, match=why) as e:
+      study.report(w)
+    assert 'batch_size-64__seed-1' in str(e.value)
+    assert study.main([f'--report={w}']) == 2
+    out = study.report(w, allow_mixed_code=True)
+    assert any('batch_size-64__seed-1' in x for x in out['warnings'])
+  # A run resumed on other code says so through its recorded starts.
+  r['provenance']['code']['version'] = 'abc'
+  r['provenance']['code_starts'] = [{'version': 'old'}, {'version': 'abc'}]
+  json.dump(r, open(path, 'w'))
+  with pytest.raises(study.StudyError, match='resumed on other code'):
+    study.report(w)
+
+
 def test_mode_and_per_point_settings_reach_the_command(tmp_path, fake_main):
   """--mode goes to every point; {seed} in a fixed setting is the point's
   seed; a placeholder naming no axis is refused before anything runs."""

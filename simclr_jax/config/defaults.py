@@ -195,12 +195,13 @@ def base_config() -> ml_collections.ConfigDict:
   # Also read out the raw pixels (flattened eval images) the same three ways:
   # the baseline a representation has to beat. Off for ImageNet-size images.
   c.eval.probe_pixels = True
-  # Images per split the pixel baseline reads at most: a seeded subsample
-  # beyond that, so the flattened pixels stay small on big datasets (10k
-  # ImageNet images at 224 px are 6 GB) while digits is read whole. A
-  # recipe whose encoder probes a whole larger split raises it, so that the
-  # pixels are read out on the same images.
-  c.eval.pixel_max_examples = 10_000
+  # Images per split the pixel baseline reads at most; 0 = the whole split,
+  # the images the encoder is read out on, so the comparison is fair (a
+  # grey dataset's pixels, each read once, are 188 MB for Fashion-MNIST's
+  # 60,000). A positive cap reads a seeded subsample instead, for datasets
+  # whose flattened pixels would not fit (results.json records
+  # pixel_train_examples beside the encoder's probe_train_examples).
+  c.eval.pixel_max_examples = 0
 
   # Downstream modes (simclr_jax/downstream/;
   # docs/algorithms.md#evaluation-protocols). Every section trains with momentum SGD, peak LR = learning_rate * B/256 ('linear') or

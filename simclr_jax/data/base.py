@@ -124,9 +124,13 @@ class DataSource(abc.ABC):
       state need it; the downstream modes then augment on device).
     slices_splits: whether split expressions such as 'train[:90%]' work
       (TFDS's slicing), so a dataset with one split can hold part of it out.
+    grey: whether the images are grey, stored once and repeated to the
+      three channels the encoders read (the pixel baseline then reads one
+      channel: 784 values for a 28 px image, not 2,352 copies).
   """
   holds_arrays: bool = True
   slices_splits: bool = False
+  grey: bool = False
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config

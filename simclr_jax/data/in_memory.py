@@ -182,6 +182,10 @@ class DigitsSource(ArraySource):
   """The embedded scikit-learn digits (or their textured digits_m), resized
   from their native 32 px only when raw_size differs."""
 
+  @property
+  def grey(self) -> bool:
+    return self.name == 'digits'  # digits_m's textures are in colour.
+
   def splits(self):
     from simclr_jax.data import digits  # pylint: disable=g-import-not-at-top
     return list(digits.SPLITS)
@@ -208,6 +212,7 @@ def _resized_fashion_mnist(directory: str, split: str, side: int
 class FashionMnistSource(ArraySource):
   """Fashion-MNIST from the IDX files in config.dataset.fashion_mnist_dir
   (data/fashion_mnist.py), resized from 28 px only when raw_size differs."""
+  grey = True
 
   def splits(self):
     return list(fashion_mnist.SPLITS)
@@ -274,6 +279,7 @@ class UnionSource(ArraySource):
   def __init__(self, config, parts: list[ArraySource]):
     super().__init__(config)
     self.parts = parts
+    self.grey = all(p.grey for p in parts)
 
   def splits(self):
     return self.parts[0].splits()

@@ -170,6 +170,12 @@ class TfdsSource(DataSource):
                                            self._builtin)) from e
     return self._builder
 
+  @property
+  def grey(self) -> bool:
+    """One stored channel (MNIST, Fashion-MNIST in TFDS)."""
+    shape = self.builder().info.features[self.feature_keys()[0]].shape
+    return bool(shape) and shape[-1] == 1
+
   def feature_keys(self) -> tuple[str, str | None]:
     """(image feature, label feature or None).
 

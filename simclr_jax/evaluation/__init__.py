@@ -19,6 +19,7 @@ from simclr_jax.evaluation.features import extract_features_stream
 from simclr_jax.evaluation.knn import knn_accuracy
 from simclr_jax.evaluation.knn import knn_predict
 from simclr_jax.evaluation.probe import fewshot_probe_accuracy
+from simclr_jax.evaluation.probe import linear_probe
 from simclr_jax.evaluation.probe import linear_probe_accuracy
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     'fewshot_probe_accuracy',
     'knn_accuracy',
     'knn_predict',
+    'linear_probe',
     'linear_probe_accuracy',
     'stratified_fraction',
 ]
@@ -64,6 +66,7 @@ def evaluate_features(train_x: np.ndarray, train_y: np.ndarray,
 
   Returns:
     {'linear_probe_accuracy': float,
+     'linear_probe_c': float (the inverse L2 strength the probe chose),
      'fewshot_probe_accuracy': {'1': float, '5': float, '10': float},
      'knn_accuracy': float}, JSON-serialisable.
   """
@@ -71,9 +74,11 @@ def evaluate_features(train_x: np.ndarray, train_y: np.ndarray,
   test_y = np.asarray(test_y)
   if num_classes is None:
     num_classes = int(max(train_y.max(), test_y.max())) + 1
+  accuracy, c = linear_probe(train_x, train_y, test_x, test_y, seed=seed,
+                             mesh=mesh)
   return {
-      'linear_probe_accuracy': linear_probe_accuracy(
-          train_x, train_y, test_x, test_y, seed=seed, mesh=mesh),
+      'linear_probe_accuracy': accuracy,
+      'linear_probe_c': c,
       'fewshot_probe_accuracy': fewshot_probe_accuracy(
           train_x, train_y, test_x, test_y, shots=shots, draws=draws,
           seed=seed, mesh=mesh),

@@ -68,16 +68,21 @@ def evaluate_frozen(train: Labelled, test: Labelled, *,
 
 def sample_pixels(config: ml_collections.ConfigDict, split: str, *,
                   max_examples: int, seed: int, batch_size: int) -> Labelled:
-  """Flattened eval images of at most `max_examples` examples of a split.
+  """Flattened eval images of a split: the pixel baseline's features.
 
-  A seeded uniform subsample without replacement, kept in split order;
-  the whole split when it is no larger. Only the kept rows are held.
+  With max_examples 0 (the default eval.pixel_max_examples) the whole split,
+  the images the encoder is read out on. A positive max_examples smaller
+  than the split keeps a seeded uniform subsample without replacement, in
+  split order; only the kept rows are held. A grey dataset (its source's
+  `grey`) gives one channel, each pixel once.
   """
   from simclr_jax.data import datasets  # pylint: disable=g-import-not-at-top
   from simclr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  n = datasets.source_for(config).split_size(split)
+  source = datasets.source_for(config)
+  n = source.split_size(split)
+  channels = slice(0, 1) if source.grey else slice(None)
   keep = None
-  if n > max_examples:
+  if 0 < max_examples < n:
     keep = np.zeros(n, bool)
     keep[np.random.default_rng(seed).choice(n, max_examples,
                                             replace=False)] = True
@@ -85,11 +90,13 @@ def sample_pixels(config: ml_collections.ConfigDict, split: str, *,
   for x, y in pipeline.eval_batches(config, split, batch_size):
     rows = slice(None) if keep is None else keep[start:start + len(y)]
     start += len(y)
-    xs.append(np.asarray(x, np.float32)[rows].reshape(-1, x[0].size))
+    x = np.asarray(x, np.float32)[rows][..., channels]
+    xs.append(x.reshape(len(x), int(np.prod(x.shape[1:]))))
     ys.append(np.asarray(y, np.int32)[rows])
   if not xs:
     size = int(config.dataset.image_size)
-    return np.zeros((0, size * size * 3), np.float32), np.zeros(0, np.int32)
+    return (np.zeros((0, size * size * (1 if source.grey else 3)), np.float32),
+            np.zeros(0, np.int32))
   return np.concatenate(xs), np.concatenate(ys)
 
 

@@ -342,17 +342,21 @@ def summarize(spec: dict[str, Any], rows: list[dict[str, Any]]
   one entry per combination of the other axes (in grid order).
 
   The standard deviation is the sample one (n - 1), 0.0 for a single seed;
-  only finished points count, and `n` says how many did.
+  only finished points count, and `n` says how many did. `paired` holds
+  each setting's per-seed differences against its baselines
+  (paired_differences).
   """
   others = [f for f, _ in spec['axes'] if f != SEED]
   groups: dict[str, dict[str, Any]] = {}
   for r in rows:
     settings = {f: r['settings'][f] for f in others}
     g = groups.setdefault(json.dumps(settings, sort_keys=True),
-                          {'settings': settings, 'seeds': [], 'values': {}})
+                          {'settings': settings, 'seeds': [], 'values': {},
+                           'rows': []})
     if r['status'] != 'finished':
       continue
     g['seeds'].append(r['settings'].get(SEED))
+    g['rows'].append(r)
     for key, value in (r.get('accuracies') or {}).items():
       g['values'].setdefault(key, []).append(value)
   out = []
@@ -364,7 +368,7 @@ def summarize(spec: dict[str, Any], rows: list[dict[str, Any]]
           'std': statistics.stdev(values) if len(values) > 1 else 0.0,
           'values': values}
     out.append({'settings': g['settings'], 'seeds': g['seeds'],
-                'metrics': metrics})
+                'metrics': metrics, 'paired': paired_differences(g['rows'])})
   return out
 
 
@@ -392,6 +396,7 @@ def point_row(workdir: str, point: dict[str, Any]) -> dict[str, Any]:
         global_batch=batch, per_device_batch=prov.get('per_device_batch'),
         grad_cache_chunks=prov.get('grad_cache_chunks'),
         code_version=prov.get('code', {}).get('version'),
+        code_starts=[s.get('version') for s in prov.get('code_starts', [])],
         device=(f"{prov.get('device_count')} x {prov.get('device_kind')}"
                 if prov else None),
         provenance=prov)
@@ -456,6 +461,19 @@ def summary_markdown(spec: dict[str, Any],
       cells.append('' if m is None else
                    f"{100 * m['mean']:.2f} ± {100 * m['std']:.2f}")
     lines.append('| ' + ' | '.join(cells) + ' |')
+  paired = [(g, p) for g in summary for p in g.get('paired', [])]
+  if paired:
+    lines += ['', 'Encoder minus baseline, per seed: mean ± standard '
+              'deviation of the differences (points); "ahead" or "behind" '
+              'when the mean is more than twice the deviation, else "level".',
+              '', '| ' + ' | '.join(others + ['accuracy', 'baseline', 'seeds',
+                                              'difference', 'verdict']) + ' |',
+              '|' + '---|' * (len(others) + 5)]
+    for g, p in paired:
+      cells = [str(g['settings'][f]) for f in others] + [
+          p['metric'], p['baseline'], str(p['n']),
+          f"{100 * p['mean']:+.2f} ± {100 * p['std']:.2f}", p['verdict']]
+      lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines) + '\n'
 
 
@@ -470,7 +488,7 @@ def compact(spec: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
       'mode': spec.get('mode', 'pretrain'), 'warnings': out['warnings'],
       'points': [{k: r.get(k) for k in (
           'settings', 'status', 'accuracies', 'steps', 'wall_time_s',
-          'code_version', 'device')} for r in out['points']],
+          'code_version', 'code_starts', 'device')} for r in out['points']],
       'summary': out.get('summary')}
 
 
@@ -495,6 +513,67 @@ def command_line(spec: dict[str, Any]) -> str:
   if spec.get('max_batch_per_device'):
     parts.append(f"--max_batch_per_device={spec['max_batch_per_device']}")
   return ' '.join(parts)
+
+
+def _dirty(version: Any) -> bool:
+  return str(version).endswith('-dirty')
+
+
+def unpoolable(rows: list[dict[str, Any]]) -> list[str]:
+  """Why the finished points cannot be pooled over seeds, one line a point:
+  a start from a tree with uncommitted changes, a run resumed on other code,
+  or a commit that differs from the one most points ran (empty when all
+  ran one clean commit)."""
+  done = [r for r in rows if r.get('status') == 'finished']
+  versions = {}
+  for r in done:
+    versions[r['name']] = (r.get('code_starts') or
+                           [r.get('code_version')])
+  counts: dict[Any, int] = {}
+  for vs in versions.values():
+    counts[vs[-1]] = counts.get(vs[-1], 0) + 1
+  common = max(counts, key=lambda v: (counts[v], str(v)), default=None)
+  out = []
+  for name, vs in versions.items():
+    if any(_dirty(v) for v in vs):
+      out.append(f'{name} started from a tree with uncommitted changes '
+                 f'({", ".join(sorted({str(v) for v in vs if _dirty(v)}))})')
+    elif len(set(vs)) > 1:
+      out.append(f'{name} was resumed on other code ({" then ".join(vs)})')
+    elif vs[-1] != common:
+      out.append(f'{name} ran {vs[-1]}, the others {common}')
+  return out
+
+
+def paired_differences(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Encoder minus each baseline that read the same images, per seed.
+
+  For every accuracy K of a finished point with a baseline `pixel_K` or
+  `random_init_K` ('linear_probe' named 'probe' there) in the same run, the
+  differences over the runs of one setting: their mean, sample standard
+  deviation and the verdict the docs use: 'ahead' or 'behind' when the mean
+  is more than twice the standard deviation away from 0 (at least two
+  seeds), else 'level'.
+  """
+  out = []
+  for prefix in ('pixel_', 'random_init_'):
+    keys = sorted({k for r in rows for k in (r.get('accuracies') or {})
+                   if not k.startswith(('pixel_', 'random_init_'))})
+    for key in keys:
+      base = prefix + key.replace('linear_probe', 'probe')
+      diffs = [r['accuracies'][key] - r['accuracies'][base] for r in rows
+               if base in r['accuracies'] and key in r['accuracies']]
+      if not diffs:
+        continue
+      mean = statistics.fmean(diffs)
+      std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+      verdict = 'level'
+      if len(diffs) > 1 and abs(mean) > 2 * std:
+        verdict = 'ahead' if mean > 0 else 'behind'
+      out.append({'metric': key, 'baseline': base, 'n': len(diffs),
+                  'mean': mean, 'std': std, 'values': diffs,
+                  'verdict': verdict})
+  return out
 
 
 def provenance_warnings(rows: list[dict[str, Any]]) -> list[str]:
@@ -576,19 +655,30 @@ def _plots(spec: dict[str, Any], rows: list[dict[str, Any]],
   return written
 
 
-def report(workdir: str) -> dict[str, Any]:
-  """Writes study.json, study.md and the PNG plots; returns study.json."""
+def report(workdir: str, allow_mixed_code: bool = False) -> dict[str, Any]:
+  """Writes study.json, study.md and the PNG plots; returns study.json.
+
+  Seeds are pooled only when every finished point ran one clean commit
+  (`unpoolable`); otherwise StudyError names the points, unless
+  allow_mixed_code, when the report pools them and lists them first.
+  """
   with open(os.path.join(workdir, SPEC)) as f:
     spec = json.load(f)
   rows = [point_row(workdir, p) for p in spec['points']]
   warnings = provenance_warnings(rows)
+  seeded = SEED in [f for f, _ in spec['axes']]
+  mixed = unpoolable(rows) if seeded else []
+  if mixed and not allow_mixed_code:
+    raise StudyError('will not pool seeds made by different or uncommitted '
+                     'code: ' + '; '.join(mixed) + '. Re-run those points '
+                     'from one clean commit, or pass --allow_mixed_code')
+  warnings = [f'Pooled although {m}.' for m in mixed] + warnings
   out = {'config': spec['config'], 'axes': spec['axes'],
          'max_batch_per_device': spec['max_batch_per_device'],
          'warnings': warnings, 'points': rows,
          'counts': {s: sum(r['status'] == s for r in rows) for s in
                     ('finished', 'interrupted', 'started', 'failed',
                      'pending')}}
-  seeded = SEED in [f for f, _ in spec['axes']]
   if seeded:
     out['summary'] = summarize(spec, rows)
   out['plots'] = [os.path.basename(p) for p in _plots(spec, rows, workdir)]
@@ -624,6 +714,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                       '(finetune, distill, ...; with --config.init_from).')
   parser.add_argument('--report', metavar='STUDY_DIR',
                       help='Only write the report of STUDY_DIR.')
+  parser.add_argument('--allow_mixed_code', action='store_true',
+                      help='Pool seeds even when points ran different '
+                      'commits or uncommitted changes (the report lists '
+                      'them).')
   parser.add_argument('--plan', action='store_true',
                       help='Write the study spec, list the points, exit '
                       '(before submitting an array job).')
@@ -636,7 +730,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       raise StudyError(f'unknown arguments: {" ".join(bad)} (fixed '
                        'settings for every point go as --config.FIELD=VALUE)')
     if args.report:
-      out = report(args.report)
+      out = report(args.report, args.allow_mixed_code)
       print(f"study: report of {len(out['points'])} points in "
             f"{args.report}/study.md", flush=True)
       return 0
@@ -653,7 +747,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   except StudyError as e:
     return entry.print_error(e)
   if args.point is None:
-    out = report(args.workdir)
+    try:
+      out = report(args.workdir, args.allow_mixed_code)
+    except StudyError as e:
+      return entry.print_error(e)
     print(f"study: {out['counts']['finished']} of {len(out['points'])} "
           f"points finished; report in {args.workdir}/study.md", flush=True)
   return 1 if 'failed' in statuses.values() else 0

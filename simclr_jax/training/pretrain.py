@@ -310,11 +310,12 @@ def _logged_readout(k: int, n: int, what: str) -> Iterator[None]:
 def evaluate_encoder(setup: Setup, state: state_lib.TrainState) -> dict:
   """Frozen-feature probes, few-shot probes and kNN, pretrained vs random.
 
-  The random-init baseline is the exact network pretraining started from
-  (same seed), with BN statistics re-estimated on RANDOM_INIT_BN_BATCHES
-  batches of training images. Host memory holds the splits' features and
-  at most one batch of images; the pixel baseline at most
-  eval.pixel_max_examples flattened images per split.
+  Every baseline reads the images the encoder is read out on: the
+  random-init baseline is the exact network pretraining started from (same
+  seed), with BN statistics re-estimated on RANDOM_INIT_BN_BATCHES batches
+  of training images; the pixel baseline is the flattened images of both
+  splits (eval.pixel_max_examples caps it where they would not fit). Host
+  memory holds the splits' features and at most one batch of images.
   """
   c = setup.config
   ec, labelled = probe_dataset(setup)
@@ -333,8 +334,10 @@ def evaluate_encoder(setup: Setup, state: state_lib.TrainState) -> dict:
         apply, variables, ec, split, batch_size=c.eval.batch_size,
         mesh=setup.mesh) for split in (ec.dataset.train_split,
                                        ec.dataset.eval_split))
-    return readout.evaluate_frozen(train, test, eval_config=c.eval,
-                                   seed=c.seed, mesh=setup.mesh)
+    return {**readout.evaluate_frozen(train, test, eval_config=c.eval,
+                                      seed=c.seed, mesh=setup.mesh),
+            'probe_train_examples': len(train[1]),
+            'probe_test_examples': len(test[1])}
 
   n = 1 + bool(c.eval.probe_random_init) + bool(c.eval.probe_pixels)
   with _logged_readout(1, n, 'the pretrained encoder'):
@@ -346,10 +349,10 @@ def evaluate_encoder(setup: Setup, state: state_lib.TrainState) -> dict:
           setup, state_lib.variables_of(init), ec))
     # The README's results.json names: random_init_probe_accuracy for the
     # all-label probe, random_init_fewshot_probe_accuracy, ...
-    results.update(readout.prefixed('random_init_', rand))
+    results.update(readout.prefixed('random_init_', {
+        k: v for k, v in rand.items() if not k.endswith('_examples')}))
     results['random_init_bn_batches'] = RANDOM_INIT_BN_BATCHES
   if c.eval.probe_pixels:
-    # A seeded subsample of each split beyond eval.pixel_max_examples.
     with _logged_readout(n, n, 'the raw pixels'):
       pixels = [readout.sample_pixels(
           ec, split, max_examples=c.eval.pixel_max_examples, seed=c.seed,
