@@ -51,9 +51,16 @@ def test_train_step_benchmark_json(tmp_path):
   assert abs(d['views_per_sec'] - 64 / d['step_time_s']) < 1e-6 * d['views_per_sec']
   assert d['flops_per_step_per_device'] > 0
   assert d['flops_per_step'] == pytest.approx(8 * d['flops_per_step_per_device'])
-  # No bf16 peak is known for a CPU, so no MFU; memory comes from XLA's
-  # compiled-memory analysis (CPU has no allocator statistics).
-  assert d['mfu'] is None and d['device_kind'] == 'cpu'
+  # On a CPU the peak is the host's float32 FMA peak, shared by the virtual
+  # devices; the share of it is achieved FLOP/s over that peak. Memory
+  # comes from XLA's compiled-memory analysis (no allocator statistics).
+  assert d['device_kind'] == 'cpu'
+  assert d['achieved_flops_per_sec'] == pytest.approx(
+      d['flops_per_step'] / d['step_time_s'])
+  peak, how = step_benchmark.cpu_peak_flops()
+  if peak:
+    assert d['peak_flops'] == pytest.approx(peak) and d['peak_source'] == how
+    assert d['mfu'] == pytest.approx(d['achieved_flops_per_sec'] / peak)
   assert d['peak_memory_bytes'] > 0
   assert d['peak_memory_source'] == 'compiled_memory_analysis'
   assert np.isfinite(d['final_loss'])
@@ -76,6 +83,25 @@ def test_peak_flops_table():
   assert step_benchmark.peak_flops('NVIDIA H200') == 989e12
   assert step_benchmark.peak_flops('NVIDIA A100-SXM4-80GB') == 312e12
   assert step_benchmark.peak_flops('cpu') is None
+
+
+@pytest.mark.parametrize('vendor, family, flags, lanes', [
+    ('AuthenticAMD', 25, 'fma avx2 avx512f', 16),    # Zen 4
+    ('AuthenticAMD', 26, 'fma avx2 avx512f', 32),    # Zen 5
+    ('GenuineIntel', 6, 'fma avx2 avx512f', 32),     # Xeon, AVX-512
+    ('GenuineIntel', 6, 'fma avx2', 16),             # AVX2 only
+    ('GenuineIntel', 6, 'sse2', 4)])
+def test_cpu_peak_from_cpuinfo(tmp_path, vendor, family, flags, lanes):
+  """cores x lanes x 2 x clock, with the clock and lanes read from the file."""
+  info = tmp_path / 'cpuinfo'
+  core = (f'vendor_id\t: {vendor}\ncpu family\t: {family}\n'
+          f'cpu MHz\t\t: 2500.000\nflags\t\t: {flags}\n\n')
+  info.write_text(core * 2)
+  peak, how = step_benchmark.cpu_peak_flops(str(info))
+  cores = len(os.sched_getaffinity(0))
+  assert peak == pytest.approx(cores * lanes * 2 * 2.5e9)
+  assert f'{cores} cores x {lanes} float32' in how and '2.50 GHz' in how
+  assert step_benchmark.cpu_peak_flops(str(tmp_path / 'none'))[0] is None
 
 
 def test_torch_peer_loss_is_the_same_nt_xent(tmp_path):

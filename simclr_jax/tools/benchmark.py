@@ -10,8 +10,10 @@ current directory). The train-step timing compiles the step of the config on
 synthetic data already on the devices, runs warm-up steps, then times
 --steps steps with device synchronisation at both ends. The JSON holds the
 device kind and count, model, image size, per-device and global batch, step
-time, views/s, FLOPs per step (XLA cost analysis) and MFU against the device's
-bf16 peak, peak device memory, the input mode and the gradient-caching
+time, views/s, FLOPs per step (XLA cost analysis), achieved FLOP/s and MFU
+against the device's bf16 peak (on a CPU, the host's float32 FMA peak
+estimated from /proc/cpuinfo; `peak_source` says how), peak device memory,
+the input mode and the gradient-caching
 setting; --torch_peer adds a PyTorch step of the same shape in the same
 process and the jax/torch throughput ratio. Without TensorFlow installed the
 synthetic data and the 'jax' augmentation backend still work.

@@ -8,6 +8,7 @@ synchronisation at both ends, and the PyTorch peer of the same shape.
 """
 
 import dataclasses
+import os
 import time
 from typing import Any
 
@@ -32,6 +33,53 @@ def peak_flops(device_kind: str) -> float | None:
     if name.lower() in device_kind.lower():
       return flops
   return None
+
+
+# float32 lanes that one core's FMA units complete per cycle, by vector
+# extension, for x86 server cores: two 512-bit FMA units on Intel Xeon
+# with AVX-512 (Skylake-SP and later, Gold/Platinum), two 256-bit units on
+# AMD Zen 2 to 4 (Zen 4 runs AVX-512 through them in two halves, CPU family
+# 25) and on AVX2-only cores, two 512-bit units on Zen 5 (family 26).
+def _fma_lanes(flags: set[str], vendor: str, family: int) -> tuple[int, str]:
+  if 'avx512f' in flags:
+    if vendor == 'AuthenticAMD' and family < 26:
+      return 16, 'AVX-512 on two 256-bit FMA units (AMD Zen 4)'
+    return 32, 'AVX-512 on two 512-bit FMA units'
+  if 'avx2' in flags and 'fma' in flags:
+    return 16, 'AVX2 on two 256-bit FMA units'
+  return 4, 'SSE, one 128-bit unit'
+
+
+def cpu_peak_flops(cpuinfo: str = '/proc/cpuinfo') -> tuple[float | None, str]:
+  """float32 peak FLOP/s of the cores this process may use, and how it was
+  derived: cores x FMA lanes per cycle x 2 (an FMA is two FLOPs) x clock.
+
+  The clock is /proc/cpuinfo's 'cpu MHz' (the base clock a VM reports;
+  turbo can exceed it); the lanes come from the vector extensions it lists
+  (_fma_lanes). An estimate, stated as such: it is what the share of peak
+  in the benchmark is measured against. None where /proc/cpuinfo is absent.
+  """
+  try:
+    with open(cpuinfo) as f:
+      text = f.read()
+  except OSError:
+    return None, 'no /proc/cpuinfo'
+  fields = {}
+  for line in text.splitlines():
+    key, sep, value = line.partition(':')
+    if sep and key.strip() not in fields:
+      fields[key.strip()] = value.strip()
+  try:
+    mhz = float(fields['cpu MHz'])
+    family = int(fields.get('cpu family', '0'))
+  except (KeyError, ValueError):
+    return None, 'no clock in /proc/cpuinfo'
+  flags = set(fields.get('flags', '').split())
+  lanes, how = _fma_lanes(flags, fields.get('vendor_id', ''), family)
+  cores = len(os.sched_getaffinity(0))
+  peak = cores * lanes * 2 * mhz * 1e6
+  return peak, (f'{cores} cores x {lanes} float32 FMA lanes/cycle ({how}) '
+                f'x 2 x {mhz / 1000:.2f} GHz')
 
 
 def _cost_flops(cost) -> float:
@@ -191,12 +239,18 @@ def benchmark_train_step(config, steps: int, warmup: int,
       jax.block_until_ready(metrics)
   devices = mesh.devices.size
   kind = jax.devices()[0].device_kind
+  platform = jax.devices()[0].platform
   peak = peak_flops(kind)
+  peak_source = 'data sheet (bf16, dense)' if peak else None
+  if platform == 'cpu':
+    # Virtual CPU devices share the host's cores: the peak is the host's.
+    host_peak, peak_source = cpu_peak_flops()
+    peak = host_peak / devices if host_peak else None
   mem, mem_source, mem_analysis = peak_memory(programs)
   m = config.model
   return {
       'mode': 'train_step',
-      'device_kind': kind, 'platform': jax.devices()[0].platform,
+      'device_kind': kind, 'platform': platform,
       'device_count': devices,
       'model': f'resnet{m.depth}x{m.width_multiplier}',
       'depth': m.depth, 'width_multiplier': m.width_multiplier,
@@ -212,7 +266,10 @@ def benchmark_train_step(config, steps: int, warmup: int,
       'flops_per_step_per_device': flops,
       'flops_per_step': flops * devices,
       'flops_source': flops_source,
+      'achieved_flops_per_sec': flops * devices / step_s,
       'peak_flops_per_device': peak,
+      'peak_flops': peak * devices if peak else None,
+      'peak_source': peak_source,
       'mfu': flops / step_s / peak if peak and flops else None,
       'peak_memory_bytes': mem,
       'peak_memory_source': mem_source,
