@@ -192,8 +192,9 @@ def test_report_from_results(tmp_path, fake_main, monkeypatch):
   md = open(os.path.join(w, 'study.md')).read()
   assert md.count('| failed |') == 2 and md.count('| finished |') == 4
   assert '| 128 | 2 | finished | 10 | 50.0 | 12.8 | 25.0 |' in md
+  # num_epochs is an axis too: the learning-curve plot.
   assert out['plots'] == ['accuracy_vs_batch.png', 'throughput_vs_batch.png',
-                          'curves.png']
+                          'accuracy_vs_epochs.png', 'curves.png']
   for name in out['plots']:
     with open(os.path.join(w, name), 'rb') as f:
       assert f.read(8) == b'\x89PNG\r\n\x1a\n'

@@ -634,6 +634,8 @@ def _plots(spec: dict[str, Any], rows: list[dict[str, Any]],
     ax.set_ylabel('training images / s')
     ax.grid(alpha=0.3)
     save(fig, 'throughput_vs_batch.png')
+  if 'num_epochs' in fields:
+    save(_length_plot(plt, fields, done), 'accuracy_vs_epochs.png')
   fig, axes = plt.subplots(1, 2, figsize=(10, 4))
   for r in rows:
     label = r['name']
@@ -653,6 +655,39 @@ def _plots(spec: dict[str, Any], rows: list[dict[str, Any]],
       ax.legend(fontsize=6)
   save(fig, 'curves.png')
   return written
+
+
+def _length_plot(plt, fields: list[str], done: list[dict[str, Any]]):
+  """Probe and kNN against pretraining length (a learning curve: each
+  point its own run with its own schedule), one line per value of the other
+  axes, and the raw pixels' figures of the same runs as horizontal lines."""
+  others = [f for f in fields if f not in ('num_epochs', SEED)]
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  for (metric, base), ax in zip(
+      (('linear_probe_accuracy', 'pixel_probe_accuracy'),
+       ('knn_accuracy', 'pixel_knn_accuracy')), axes):
+    groups: dict[tuple, list] = {}
+    for r in done:
+      if r.get(metric) is not None:
+        key = tuple(r['settings'][f] for f in others)
+        groups.setdefault(key, []).append(
+            (r['settings']['num_epochs'], 100 * r[metric]))
+    for key, pts in sorted(groups.items(), key=lambda kv: repr(kv[0])):
+      pts.sort()
+      label = ', '.join(f'{f}={v}' for f, v in zip(others, key)) or 'encoder'
+      ax.plot([p[0] for p in pts], [p[1] for p in pts], 'o-', label=label)
+    pixels = [100 * r['accuracies'][base] for r in done
+              if base in (r.get('accuracies') or {})]
+    if pixels:
+      ax.axhline(statistics.fmean(pixels), color='grey', ls='--',
+                 label='raw pixels')
+    ax.set_xscale('log', base=2)
+    ax.set_xlabel('pretraining epochs (each its own run and schedule)')
+    ax.set_ylabel(('linear probe' if metric.startswith('linear')
+                   else 'kNN') + ' top-1 (%)')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  return fig
 
 
 def report(workdir: str, allow_mixed_code: bool = False) -> dict[str, Any]:
