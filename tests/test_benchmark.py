@@ -34,7 +34,8 @@ def test_train_step_benchmark_json(tmp_path):
           '--config.model.width_multiplier=0.125',
           '--config.batch_size=32', '--config.grad_cache_chunks=2',
           '--steps=2', '--warmup=1', '--profile_steps=1',
-          f'--profile={trace}', f'--output={out}', '--torch_peer']
+          f'--profile={trace}', f'--output={out}', '--torch_peer',
+          '--breakdown']
   r = subprocess.run(
       args, capture_output=True, text=True, cwd=ROOT, timeout=600,
       env=dict(os.environ, XLA_FLAGS=xla_flags()))
@@ -72,6 +73,15 @@ def test_train_step_benchmark_json(tmp_path):
   assert peer['views_per_sec'] > 0 and np.isfinite(peer['final_loss'])
   assert d['jax_over_torch'] == pytest.approx(
       d['views_per_sec'] / peer['views_per_sec'])
+  # The step's parts, each timed on its own; the rest is the step less the
+  # views and the model's forward and backward pass.
+  parts = d['breakdown']
+  for k in ('views_s', 'forward_s', 'forward_backward_s', 'step_s'):
+    assert parts[k] > 0, k
+  assert parts['rest_s'] == pytest.approx(
+      parts['step_s'] - parts['views_s'] - parts['forward_backward_s'])
+  assert parts['shares']['forward'] == pytest.approx(
+      parts['forward_s'] / parts['step_s'])
 
 
 def test_peak_flops_table():

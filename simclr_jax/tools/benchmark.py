@@ -72,6 +72,9 @@ def main(argv):
       result = step_benchmark.benchmark_train_step(
           config, FLAGS.steps, FLAGS.warmup, FLAGS.profile,
           FLAGS.profile_steps)
+    if FLAGS.breakdown:
+      result['breakdown'] = step_benchmark.step_breakdown(
+          config.copy_and_resolve_references(), FLAGS.steps, FLAGS.warmup)
     if FLAGS.torch_peer:
       peer = step_benchmark.torch_peer_row(config, FLAGS.steps, FLAGS.warmup,
                                            FLAGS.torch_compile)
@@ -121,6 +124,10 @@ def _define_flags() -> None:
                     'Also time a PyTorch SimCLR step of the same model, batch '
                     'and image size (simclr_jax/tools/torch_peer.py), when torch is '
                     'importable, and report the jax/torch ratio.')
+  flags.DEFINE_bool('breakdown', False,
+                    'Also time the parts of the step on their own: the '
+                    'views, the forward pass, forward and backward, the rest '
+                    '(step_benchmark.step_breakdown).')
   flags.DEFINE_bool('torch_compile', False,
                     'torch.compile the peer step (slow to compile on CPU).')
 

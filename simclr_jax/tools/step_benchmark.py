@@ -279,6 +279,75 @@ def benchmark_train_step(config, steps: int, warmup: int,
   }
 
 
+def _seconds(fn, args, steps: int, warmup: int) -> float:
+  """Mean wall time of fn(*args) over `steps` calls after `warmup` (and one
+  compiling call), synchronised with the device at both ends."""
+  jax.block_until_ready(fn(*args))
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    out = fn(*args)
+  jax.block_until_ready(out)
+  return (time.perf_counter() - t0) / steps
+
+
+def step_breakdown(config, steps: int, warmup: int, mesh=None) -> dict:
+  """Where one train step's time goes, each part jitted on its own.
+
+  views_s: the two views (the on-device augmentation; ~0 for 'tf', whose
+  views arrive made); forward_s: the model's forward pass on both views in
+  training mode (BatchNorm on batch statistics); forward_backward_s: that
+  pass and its gradient with respect to every parameter (a stand-in loss,
+  the sum of squared features); step_s: the whole step; rest_s = step_s -
+  views_s - forward_backward_s: heads, NT-Xent, metrics and the optimiser.
+  The parts overlap nothing, so the shares say where to look, not a sum
+  XLA promises (fused together they can cost less).
+  """
+  # pylint: disable=g-import-not-at-top
+  from simclr_jax.training import pretrain as train
+  from simclr_jax.training import state as state_lib
+  config.dataset.name = 'synthetic'
+  setup = train.build(config, mesh=mesh)
+  batch = synthetic_batch(config, setup.mesh)
+  key = jax.random.key(0)
+  state = train.initial_state(setup)
+  variables = state_lib.variables_of(state)
+  make_views = jax.jit(train.views_fn(setup))
+  views = make_views(batch, key)
+  s = config.dataset.image_size
+  images = views.reshape(-1, s, s, 3)
+  model = setup.model
+
+  def features(params, x):
+    out, _ = model.apply({**variables, 'params': params}, x, train=True,
+                         mutable=['batch_stats'])
+    return out['features']
+
+  forward = jax.jit(features)
+  backward = jax.jit(jax.grad(
+      lambda p, x: jax.numpy.sum(jax.numpy.square(features(p, x)))))
+  parts = {
+      'views_s': _seconds(make_views, (batch, key), steps, warmup),
+      'forward_s': _seconds(forward, (variables['params'], images), steps,
+                            warmup),
+      'forward_backward_s': _seconds(backward, (variables['params'], images),
+                                     steps, warmup)}
+  step_fn = train.make_step(setup)
+  holder = [state]
+
+  def step():
+    holder[0], metrics = step_fn(holder[0], batch, key)
+    return metrics
+
+  parts['step_s'] = _seconds(step, (), steps, warmup)
+  parts['rest_s'] = (parts['step_s'] - parts['views_s'] -
+                     parts['forward_backward_s'])
+  parts['shares'] = {k[:-2]: parts[k] / parts['step_s'] for k in (
+      'views_s', 'forward_s', 'forward_backward_s', 'rest_s')}
+  return parts
+
+
 def grad_cache_suite(config, steps: int, warmup: int,
                      cached_batch_multiplier: int = 4) -> dict:
   """The plain step and gradient-cached steps side by side, in one process.

@@ -101,14 +101,20 @@ def build(config: ml_collections.ConfigDict, mesh=None) -> Setup:
                method, tx, schedule, init_rng, step_rng)
 
 
-def make_step(setup: Setup):
+def views_fn(setup: Setup):
+  """batch, rng -> the two views the step trains on (made on the device for
+  the 'jax' backend, read from the batch for 'tf')."""
   c = setup.config
-  views_fn = train_step_lib.make_views_fn(
+  return train_step_lib.make_views_fn(
       c.augment.backend, c.dataset.image_size, c.augment.color_strength,
       c.augment.blur, c.augment.crop_min_area, c.augment.flip)
+
+
+def make_step(setup: Setup):
+  c = setup.config
   return train_step_lib.make_train_step(
       setup.model, setup.tx, setup.schedule, setup.mesh,
-      method=setup.method, views_fn=views_fn,
+      method=setup.method, views_fn=views_fn(setup),
       skip_nonfinite=c.on_nan == 'skip_step',
       inject_nan_at_step=c.debug.inject_nan_at_step,
       compute_dtype=jnp.dtype(c.model.compute_dtype),
