@@ -682,6 +682,8 @@ def _length_plot(plt, fields: list[str], done: list[dict[str, Any]]):
       ax.axhline(statistics.fmean(pixels), color='grey', ls='--',
                  label='raw pixels')
     ax.set_xscale('log', base=2)
+    lengths = sorted({r['settings']['num_epochs'] for r in done})
+    ax.set_xticks(lengths, [f'{e:g}' for e in lengths])
     ax.set_xlabel('pretraining epochs (each its own run and schedule)')
     ax.set_ylabel(('linear probe' if metric.startswith('linear')
                    else 'kNN') + ' top-1 (%)')
