@@ -243,6 +243,12 @@ def _fit_rows(data: _Rows, num_classes: int, w: jax.Array, c: float,
               num_classes=num_classes)
 
 
+def _best(grid: Sequence[float], losses: dict[float, float]) -> float:
+  """The C of `grid` with the lowest held-out loss; exact ties go to the C
+  closest to DEFAULT_C on a log scale, then to the smaller C."""
+  return min(grid, key=lambda c: (losses[c], abs(math.log(c / DEFAULT_C)), c))
+
+
 def _grown(grid: list[float], losses: dict[float, float],
            c_range: tuple[float, float]) -> float | None:
   """The C to add when the best of `grid` is at one of its ends, else None.
@@ -250,7 +256,7 @@ def _grown(grid: list[float], losses: dict[float, float],
   The new value is one more step of the grid's ratio at that end; none is
   added past c_range (the choice then stays at the range's edge).
   """
-  best = min(grid, key=lambda c: (losses[c], abs(math.log(c / DEFAULT_C)), c))
+  best = _best(grid, losses)
   if len(grid) < 2 or best not in (grid[0], grid[-1]):
     return None
   if best == grid[0]:
@@ -270,11 +276,10 @@ def _choose_c(data: _Rows, y: np.ndarray, num_classes: int,
   every C is fitted on the rest, in increasing order, each fit starting from
   the previous one's solution, until the held-out loss rises. While the best
   C is at an end of the values fitted, the grid grows at that end
-  (`_grown`). The criterion is the held-out
-  cross-entropy, not accuracy: on a few hundred held-out rows (digits)
-  accuracy moves in steps of one example and neighbouring C values tie or
-  swap by noise, while the cross-entropy varies smoothly with C. Exact ties
-  go to the C closest to DEFAULT_C on a log scale, then to the smaller C.
+  (`_grown`). The criterion is the held-out cross-entropy, not accuracy: on
+  a few hundred held-out rows (digits) accuracy moves in steps of one
+  example and neighbouring C values tie or swap by noise, while the
+  cross-entropy varies smoothly with C (ties: `_best`).
   """
   held = stratified_fraction(y, VALIDATION_FRACTION, seed)
   kept = np.setdiff1d(np.arange(data.n), held)
@@ -298,7 +303,7 @@ def _choose_c(data: _Rows, y: np.ndarray, num_classes: int,
   while (c := _grown(grid, losses, c_range)) is not None:
     fit(c, solutions[grid[0] if c < grid[0] else grid[-1]])
     grid = sorted(grid + [c])
-  best = min(grid, key=lambda c: (losses[c], abs(math.log(c / DEFAULT_C)), c))
+  best = _best(grid, losses)
   return best, solutions[best]
 
 
