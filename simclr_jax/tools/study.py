@@ -608,21 +608,8 @@ def _plots(spec: dict[str, Any], rows: list[dict[str, Any]],
     others = [f for f in fields if f != 'batch_size']
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for metric, ax in zip(('linear_probe_accuracy', 'knn_accuracy'), axes):
-      groups: dict[tuple, list] = {}
-      for r in done:
-        key = tuple(r['settings'][f] for f in others)
-        if r.get(metric) is not None:
-          groups.setdefault(key, []).append(
-              (r['settings']['batch_size'], 100 * r[metric]))
-      for key, pts in sorted(groups.items(), key=lambda kv: repr(kv[0])):
-        pts.sort()
-        label = ', '.join(f'{f}={v}' for f, v in zip(others, key)) or 'all'
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], 'o-', label=label)
-      ax.set_xscale('log', base=2)
+      _accuracy_lines(ax, done, metric, 'batch_size', others, 'all')
       ax.set_xlabel('batch size')
-      ax.set_ylabel(('linear probe' if metric.startswith('linear')
-                     else 'kNN') + ' top-1 (%)')
-      ax.grid(alpha=0.3)
       ax.legend(fontsize=7)
     save(fig, 'accuracy_vs_batch.png')
     fig, ax = plt.subplots(figsize=(5, 4))
@@ -657,6 +644,25 @@ def _plots(spec: dict[str, Any], rows: list[dict[str, Any]],
   return written
 
 
+def _accuracy_lines(ax, done: list[dict[str, Any]], metric: str, x: str,
+                    others: list[str], label: str) -> None:
+  """`metric` (%) against the setting `x` on a log2 axis, one line per
+  combination of the `others` settings (`label` when there are none)."""
+  groups: dict[tuple, list] = {}
+  for r in done:
+    if r.get(metric) is not None:
+      key = tuple(r['settings'][f] for f in others)
+      groups.setdefault(key, []).append((r['settings'][x], 100 * r[metric]))
+  for key, pts in sorted(groups.items(), key=lambda kv: repr(kv[0])):
+    pts.sort()
+    name = ', '.join(f'{f}={v}' for f, v in zip(others, key)) or label
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], 'o-', label=name)
+  ax.set_xscale('log', base=2)
+  ax.set_ylabel(('linear probe' if metric.startswith('linear')
+                 else 'kNN') + ' top-1 (%)')
+  ax.grid(alpha=0.3)
+
+
 def _length_plot(plt, fields: list[str], done: list[dict[str, Any]]):
   """Probe and kNN against pretraining length (a learning curve: each
   point its own run with its own schedule), one line per value of the other
@@ -666,28 +672,15 @@ def _length_plot(plt, fields: list[str], done: list[dict[str, Any]]):
   for (metric, base), ax in zip(
       (('linear_probe_accuracy', 'pixel_probe_accuracy'),
        ('knn_accuracy', 'pixel_knn_accuracy')), axes):
-    groups: dict[tuple, list] = {}
-    for r in done:
-      if r.get(metric) is not None:
-        key = tuple(r['settings'][f] for f in others)
-        groups.setdefault(key, []).append(
-            (r['settings']['num_epochs'], 100 * r[metric]))
-    for key, pts in sorted(groups.items(), key=lambda kv: repr(kv[0])):
-      pts.sort()
-      label = ', '.join(f'{f}={v}' for f, v in zip(others, key)) or 'encoder'
-      ax.plot([p[0] for p in pts], [p[1] for p in pts], 'o-', label=label)
+    _accuracy_lines(ax, done, metric, 'num_epochs', others, 'encoder')
     pixels = [100 * r['accuracies'][base] for r in done
               if base in (r.get('accuracies') or {})]
     if pixels:
       ax.axhline(statistics.fmean(pixels), color='grey', ls='--',
                  label='raw pixels')
-    ax.set_xscale('log', base=2)
     lengths = sorted({r['settings']['num_epochs'] for r in done})
     ax.set_xticks(lengths, [f'{e:g}' for e in lengths])
     ax.set_xlabel('pretraining epochs (each its own run and schedule)')
-    ax.set_ylabel(('linear probe' if metric.startswith('linear')
-                   else 'kNN') + ' top-1 (%)')
-    ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
   return fig
 
