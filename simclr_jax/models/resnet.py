@@ -53,6 +53,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from simclr_jax.models import conv as conv_lib
+
 Dtype = Any
 
 BN_MOMENTUM = 0.9  # The TF reference's batch_norm_decay.
@@ -185,6 +187,7 @@ def _conv(features: int, kernel_size: int, strides: int, dtype: Dtype,
       dtype=dtype,
       param_dtype=jnp.float32,
       kernel_init=conv_kernel_init,
+      conv_general_dilated=conv_lib.conv_general_dilated,
       name=name)
 
 
