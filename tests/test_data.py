@@ -106,6 +106,33 @@ def test_digits_dataset_info_and_eval_arrays():
   assert raw.shape == (1437, 32, 32, 3) and raw.dtype == np.uint8
 
 
+def _read_eval(config, split, batch_size, **kw):
+  """pipeline.eval_batches joined, checking that no chunk is over size."""
+  chunks = list(pipeline.eval_batches(config, split, batch_size, **kw))
+  assert all(len(x) <= batch_size for x, _ in chunks)
+  return (np.concatenate([x for x, _ in chunks]),
+          np.concatenate([y for _, y in chunks]))
+
+
+def _examples(x, y):
+  """The examples as a sorted list of (label, pixel bytes): a multiset."""
+  return sorted((int(label), image.tobytes()) for image, label in zip(x, y))
+
+
+def test_in_memory_eval_batches_shuffled_by_seed():
+  c = _config()
+  x, y = pipeline.load_eval_arrays(c, 'test')  # Split order.
+  sx, sy = _read_eval(c, 'test', 100, shuffle_seed=0)
+  # Every example of the split once, labels with their images, reordered.
+  assert _examples(sx, sy) == _examples(x, y)
+  assert not np.array_equal(sy, y)
+  again, other = (_read_eval(c, 'test', 64, shuffle_seed=s) for s in (0, 1))
+  np.testing.assert_array_equal(again[0], sx)
+  assert not np.array_equal(other[1], sy)
+  part = _read_eval(c, 'test', 64, shuffle_seed=0, max_examples=50)
+  np.testing.assert_array_equal(part[0], sx[:50])
+
+
 def test_digits_jax_batches():
   batches = _take(_config(batch_size=32), 2)
   b = batches[0]
@@ -300,6 +327,26 @@ def test_tfds_determinism_and_resume(indexed_cifar, cache):
                                 for b in _take(c, 4, start_step=4)]))
   assert sorted(epochs[1].tolist()) == list(range(64))
   assert not np.array_equal(epochs[0], epochs[1])
+
+
+def test_tfds_eval_batches_shuffled_in_a_bounded_buffer(indexed_cifar):
+  del indexed_cifar
+  c = _cifar(shuffle_buffer_multiplier=1)  # A buffer of one 8-row batch.
+
+  def rows(seed):
+    x, y = _read_eval(c, 'train', 8, shuffle_seed=seed)
+    ids = np.rint(x[:, 0, 0, 0] * 255).astype(int)  # Example i is all i.
+    np.testing.assert_array_equal(y, ids % 10)
+    return ids
+
+  ids = rows(3)
+  assert sorted(ids.tolist()) == list(range(64))
+  assert not np.array_equal(ids, np.arange(64))
+  np.testing.assert_array_equal(rows(3), ids)
+  assert not np.array_equal(rows(4), ids)
+  # The mock reads in split order, so the output at position j can only be
+  # one of the first j + 8 examples read.
+  assert (ids < np.arange(64) + 8).all()
 
 
 def test_tfds_tf_views_resume(plain_cifar):

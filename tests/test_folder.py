@@ -8,7 +8,10 @@ written, TensorFlow's own decode), never from the reader under test.
 
 import logging
 import os
+import types
 
+import flax.linen as nn
+import jax
 import numpy as np
 import pytest
 
@@ -21,7 +24,9 @@ from simclr_jax.data import datasets  # pylint: disable=g-import-not-at-top
 from simclr_jax.data import digits  # pylint: disable=g-import-not-at-top
 from simclr_jax.data import folder  # pylint: disable=g-import-not-at-top
 from simclr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+from simclr_jax.runtime import parallel  # pylint: disable=g-import-not-at-top
 from simclr_jax.tools import prepare_data  # pylint: disable=g-import-not-at-top
+from simclr_jax.training import pretrain  # pylint: disable=g-import-not-at-top
 
 CLASSES = ('cat', 'dog', 'eel')
 PER_CLASS = 12
@@ -232,6 +237,27 @@ def test_prepared_tfrecords_read_back_equal_to_the_folder(labelled, prepared):
     folder.write_tfrecords(labelled, prepared)
 
 
+def test_prepared_folder_eval_batches_shuffle_its_class_sorted_files(
+    prepared):
+  """prepare_data writes examples in path order, so its shards are sorted by
+  class; a shuffled read mixes files and examples, seeded."""
+  c = _config(prepared)
+
+  def read(**kw):
+    chunks = list(pipeline.eval_batches(c, 'train', 8, **kw))
+    return (np.concatenate([x for x, _ in chunks]),
+            np.concatenate([y for _, y in chunks]))
+
+  x, y = read()
+  assert (np.diff(y) >= 0).all()  # Split order: class by class.
+  sx, sy = read(shuffle_seed=0)
+  examples = lambda x, y: sorted((int(b), a.tobytes()) for a, b in zip(x, y))
+  assert examples(sx, sy) == examples(x, y)
+  assert not (np.diff(sy) >= 0).all()
+  np.testing.assert_array_equal(read(shuffle_seed=0)[0], sx)
+  assert not np.array_equal(read(shuffle_seed=1)[0], sx)
+
+
 def test_digits_as_png_folder_decode_to_the_embedded_pixels(tmp_path):
   x, y = digits.load_digits('test')
   folder.write_image_folder(str(tmp_path), {'test': (x, y)})
@@ -274,3 +300,82 @@ def test_unlabelled_folder_run_skips_probes_and_can_probe_elsewhere(
   assert 'probes_skipped' not in out
   assert 0.0 <= out['linear_probe_accuracy'] <= 1.0
   assert 0.0 <= out['knn_accuracy'] <= 1.0
+
+
+# A folder's train split in path order is class by class: 10 classes of 20
+# images, image i filled with the value i (PNG: exact), so a batch's rows
+# and classes can be read off its pixels.
+_CLASSES, _PER_CLASS, _SIDE = 10, 20, 8
+
+
+@pytest.fixture(scope='module')
+def class_sorted_folder(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp('class_sorted'))
+  n = _CLASSES * _PER_CLASS
+  images = np.broadcast_to(np.arange(n, dtype=np.uint8)[:, None, None, None],
+                           (n, _SIDE, _SIDE, 3))
+  folder.write_image_folder(root, {'train': (images,
+                                             np.arange(n) // _PER_CLASS)})
+  # <= 32 px: no crop, no resize; 24 rows a batch, a multiple of 8 devices.
+  return _config(root, **{'dataset.image_size': _SIDE, 'eval.batch_size': 24,
+                          'seed': 5})
+
+
+def _rows(x: np.ndarray) -> np.ndarray:
+  assert (x == x[:, :1, :1, :1]).all()
+  return np.rint(x[:, 0, 0, 0] * 255).astype(int)
+
+
+def test_bn_batches_of_a_class_sorted_folder_are_seeded_shuffles(
+    class_sorted_folder):
+  c = class_sorted_folder
+  n = _CLASSES * _PER_CLASS
+  ordered = np.concatenate([_rows(x) for x, _ in
+                            pipeline.eval_batches(c, 'train', 32)])
+  np.testing.assert_array_equal(ordered, np.arange(n))  # Class by class.
+
+  def bn_rows(seed):
+    return np.stack([_rows(x) for x in pretrain._cycled_batches(
+        c, 'train', 32, 10, seed=seed)])
+
+  rows = bn_rows(0)
+  assert rows.shape == (10, 32)
+  # In split order a batch of 32 spans at most 3 classes.
+  assert min(len(set(r // _PER_CLASS)) for r in rows) >= 6
+  flat = rows.reshape(-1)
+  assert ((0 <= flat) & (flat < n)).all()
+  # The first pass gives each image once; the second pass has a new order.
+  assert len(set(flat[:n])) == n
+  assert not np.array_equal(flat[n:], flat[:len(flat) - n])
+  np.testing.assert_array_equal(bn_rows(0), rows)
+  assert not np.array_equal(bn_rows(1), rows)
+
+
+class _BatchNormOnly(nn.Module):
+  """BatchNorm of the images themselves: its running statistics are the
+  per-channel pixel statistics of the batches it saw."""
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+
+
+def test_random_init_bn_statistics_come_from_the_shuffled_batches(
+    class_sorted_folder):
+  c = class_sorted_folder
+  model = _BatchNormOnly()
+  variables = model.init(jax.random.key(0), np.zeros((1, _SIDE, _SIDE, 3)),
+                         train=False)
+  setup = types.SimpleNamespace(config=c, model=model,
+                                mesh=parallel.make_mesh())
+  out = pretrain.recalibrate_batch_stats(setup, variables, batches=5)
+  # NumPy: BN's running averages over the batches the seed gives.
+  mean, var = np.zeros(3), np.ones(3)
+  for x in pretrain._cycled_batches(c, 'train', 24, 5, seed=c.seed):
+    assert len(set(_rows(x) // _PER_CLASS)) >= 5
+    x = x.astype(np.float64)
+    mean = 0.9 * mean + 0.1 * x.mean(axis=(0, 1, 2))
+    var = 0.9 * var + 0.1 * x.var(axis=(0, 1, 2))
+  stats = out['batch_stats']['BatchNorm_0']
+  np.testing.assert_allclose(stats['mean'], mean, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(stats['var'], var, rtol=1e-5, atol=1e-6)

@@ -166,6 +166,7 @@ def test_evaluate_encoder_reads_one_batch_at_a_time(digits_setup,
   assert results['probe_train_examples'] == 1437
   assert results['probe_test_examples'] == 360
   assert results['random_init_bn_batches'] == pretrain.RANDOM_INIT_BN_BATCHES
+  assert results['random_init_bn_shuffle_seed'] == setup.config.seed
   for key in ('linear_probe_accuracy', 'knn_accuracy',
               'random_init_probe_accuracy', 'pixel_knn_accuracy'):
     assert 0.0 <= results[key] <= 1.0, key

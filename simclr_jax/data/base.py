@@ -9,7 +9,8 @@ the same questions whatever it reads from:
   * `splits()`: the split names it has;
   * `pretrain_stream(...)`: the host-local two-view stream from any step;
   * `eval_batches(split, ...)`: evaluation-preprocessed images in bounded
-    batches, in split order (never the whole split at once);
+    batches, in split order or a seeded shuffled order (never the whole
+    split at once);
   * `raw_arrays(split)`: the split as uint8 arrays at raw size, for data that
     fits in host memory;
   * `labelled_stream(...)`: crop + flip views for the downstream modes, for
@@ -168,12 +169,20 @@ class DataSource(abc.ABC):
 
   @abc.abstractmethod
   def eval_batches(self, split: str, batch_size: int,
-                   max_examples: int | None = None
+                   max_examples: int | None = None,
+                   shuffle_seed: int | None = None
                    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(float32 (b, S, S, 3) in [0, 1], int32 (b,)) chunks of `split`.
 
-    Evaluation preprocessing (no augmentation), split order, at most
-    `batch_size` rows a chunk, so host memory stays O(batch).
+    Evaluation preprocessing (no augmentation), at most `batch_size` rows a
+    chunk, so host memory stays O(batch). With `shuffle_seed` None the rows
+    come in split order, which featurising needs (row i is example i). With
+    a seed they come in an order drawn from it, the same for the same seed,
+    for statistics that must not follow the split's order (a split sorted
+    by class would feed a few classes at a time): a permutation of the split
+    where it is held in memory, a seeded file order and a bounded shuffle
+    buffer where it is streamed. `max_examples` keeps the first rows of that
+    order.
     """
 
   @abc.abstractmethod

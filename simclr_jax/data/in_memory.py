@@ -138,12 +138,19 @@ class ArraySource(DataSource):
       images, labels = images[:max_examples], labels[:max_examples]
     return images, labels.astype(np.int32)
 
-  def eval_batches(self, split, batch_size, max_examples=None):
-    images, labels = self.raw_arrays(split, max_examples)
+  def eval_batches(self, split, batch_size, max_examples=None,
+                   shuffle_seed=None):
+    """Split order, or a seeded permutation of all the split's rows (the
+    arrays are in memory already, so the shuffle is exact and costs one
+    index array)."""
+    images, labels = self.raw_arrays(split)
+    rows = (np.arange(len(labels)) if shuffle_seed is None else
+            np.random.default_rng(int(shuffle_seed)).permutation(len(labels)))
+    rows = rows[:max_examples]
     size = int(self.config.dataset.image_size)
-    for lo in range(0, len(labels), batch_size):
-      yield (streams.numpy_eval_images(images[lo:lo + batch_size], size),
-             labels[lo:lo + batch_size])
+    for lo in range(0, len(rows), batch_size):
+      idx = rows[lo:lo + batch_size]
+      yield streams.numpy_eval_images(images[idx], size), labels[idx]
 
   def pretrain_stream(self, *, process_index, process_count, start_step,
                       local_batch, spe, include_index, stats):

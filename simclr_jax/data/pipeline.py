@@ -113,16 +113,18 @@ def make_pretrain_iterator(config: ml_collections.ConfigDict, *,
 
 
 def eval_batches(config: ml_collections.ConfigDict, split: str,
-                 batch_size: int, *, max_examples: int | None = None
+                 batch_size: int, *, max_examples: int | None = None,
+                 shuffle_seed: int | None = None
                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """(float32 (b, S, S, 3) in [0, 1], int32 (b,)) chunks of `split`.
 
-  Evaluation preprocessing (no augmentation), in split order, at most
-  `batch_size` images at a time: what evaluation featurises without ever
-  holding the split's images.
+  Evaluation preprocessing (no augmentation), at most `batch_size` images at
+  a time: what evaluation featurises without ever holding the split's
+  images. In split order, or with `shuffle_seed` in an order drawn from it
+  (DataSource.eval_batches says how each kind of data shuffles).
   """
-  return datasets.source_for(config).eval_batches(split, batch_size,
-                                                  max_examples)
+  return datasets.source_for(config).eval_batches(
+      split, batch_size, max_examples, shuffle_seed=shuffle_seed)
 
 
 def load_eval_arrays(config: ml_collections.ConfigDict, split: str, *,

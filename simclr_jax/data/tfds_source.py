@@ -259,21 +259,45 @@ class TfdsSource(DataSource):
     n = self.split_size(self.config.dataset.train_split)
     return n * side * side * 3 <= _HOST_ARRAY_LIMIT_BYTES
 
-  # --- reading in split order ---------------------------------------------
+  # --- reading a split in batches -----------------------------------------
 
-  def _ordered(self, split: str, max_examples: int | None, image_fn_builder,
-               batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """A split in file order, images mapped by image_fn, in batches."""
+  def _batches(self, split: str, max_examples: int | None, image_fn_builder,
+               batch_size: int, shuffle_seed: int | None = None
+               ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """A split in file order (or a seeded shuffled order), images mapped by
+    image_fn, in batches.
+
+    Shuffled, the files are read in an order drawn from `shuffle_seed`,
+    one example from each interleaved file in turn, so that files holding
+    one class each (prepare_data writes an image folder in path order) mix;
+    a shuffle buffer of dataset.shuffle_buffer_multiplier x batch_size
+    examples, held encoded, mixes them further. The buffer bounds host
+    memory whatever the size of the split, as in the pretraining stream;
+    a split larger than it is shuffled locally, not uniformly.
+    """
     tf = import_tf(f'TFDS dataset {self.name!r}')
     tfds = self.tfds
     self.split_size(split)  # Fails with the prepare hint if not there.
     image_key, label_key = self.feature_keys()
     image_feature = self.builder().info.features[image_key]
     image_fn = image_fn_builder(tf, image_feature.shape)
+    shuffled = shuffle_seed is not None
+    if shuffled:
+      # Read once per seed: an autocache (of a small split) would only
+      # cost memory.
+      read_config = tfds.ReadConfig(
+          shuffle_seed=int(shuffle_seed), add_tfds_id=True,
+          try_autocache=False, interleave_block_length=1)
+    else:
+      read_config = tfds.ReadConfig(add_tfds_id=True)
     ds = self.builder().as_dataset(
-        split=split, shuffle_files=False,
+        split=split, shuffle_files=shuffled,
         decoders={image_key: tfds.decode.SkipDecoding()},
-        read_config=tfds.ReadConfig(add_tfds_id=True))
+        read_config=read_config)
+    if shuffled:
+      buffer = int(self.config.dataset.shuffle_buffer_multiplier) * batch_size
+      ds = ds.shuffle(max(1, buffer), seed=int(shuffle_seed),
+                      reshuffle_each_iteration=False)
     ds = _decode_dropping_corrupt(tf, ds, image_feature, image_key)
     if max_examples is not None:
       ds = ds.take(max_examples)
@@ -294,7 +318,8 @@ class TfdsSource(DataSource):
     if empty:
       raise DatasetError(f'Split {split!r} of {self.name} is empty.')
 
-  def eval_batches(self, split, batch_size, max_examples=None):
+  def eval_batches(self, split, batch_size, max_examples=None,
+                   shuffle_seed=None):
     size = int(self.config.dataset.image_size)
 
     def eval_fn(tf, image_shape):
@@ -302,11 +327,12 @@ class TfdsSource(DataSource):
       from simclr_jax.data import augment  # pylint: disable=g-import-not-at-top
       return lambda image: augment.tf_eval(image, size)
 
-    return self._ordered(split, max_examples, eval_fn, batch_size)
+    return self._batches(split, max_examples, eval_fn, batch_size,
+                         shuffle_seed)
 
   def raw_arrays(self, split, max_examples=None):
     size = raw_size(self.config)
-    chunks = list(self._ordered(
+    chunks = list(self._batches(
         split, max_examples,
         lambda tf, shape: streams.raw_image_fn(tf, shape, size), 256))
     return (np.concatenate([x for x, _ in chunks]),

@@ -243,24 +243,35 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str,
 # Batches of eval.batch_size training images that re-estimate the BN
 # statistics of the random-init baseline: a fixed number, whatever the size
 # of the split. With BN momentum 0.9 the initial (0, 1) statistics keep
-# 0.9^50 < 1% of their weight after them.
+# 0.9^50 < 1% of their weight after them, and the last ten batches hold
+# about two thirds of it, which is why the batches are shuffled: in split
+# order a split sorted by class (an image folder) would give those last
+# batches a few classes only.
 RANDOM_INIT_BN_BATCHES = 50
 
 
 def _cycled_batches(config: ml_collections.ConfigDict, split: str,
-                    batch_size: int, count: int) -> Iterator[np.ndarray]:
+                    batch_size: int, count: int,
+                    seed: int) -> Iterator[np.ndarray]:
   """`count` batches of exactly `batch_size` eval images of a split.
 
-  The split's stream is re-cut into equal batches (one shape, one
-  compilation; no ragged last batch with noisy statistics) and read again
-  from the start when it ends before `count` batches, so small splits such
-  as digits contribute every image. Only one batch and one chunk are held.
+  The split's stream, shuffled with a seed drawn from (`seed`, pass), is
+  re-cut into equal batches (one shape, one compilation; no ragged last
+  batch with noisy statistics) and read again, in a new order, when it ends
+  before `count` batches, so small splits such as digits contribute every
+  image. Only one batch and one chunk are held (a streamed split shuffles
+  in a bounded buffer: DataSource.eval_batches).
   """
   from simclr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  pending, rows, made = [], 0, 0
+  from simclr_jax.data import streams  # pylint: disable=g-import-not-at-top
+  pending, rows, made, passes = [], 0, 0, 0
   while made < count:
     empty = True
-    for x, _ in pipeline.eval_batches(config, split, batch_size):
+    chunks = pipeline.eval_batches(
+        config, split, batch_size,
+        shuffle_seed=streams.seed31(seed, passes))
+    passes += 1
+    for x, _ in chunks:
       empty = empty and not len(x)
       pending.append(np.asarray(x))
       rows += len(x)
@@ -281,8 +292,10 @@ def recalibrate_batch_stats(setup: Setup, variables: dict,
 
   Used for the random-init baseline: its running averages are still the
   initial (0, 1), which would make a fair network look broken. The images
-  are `config`'s (default the run's) train split, streamed in split order:
-  a bounded cost on any dataset, at most eval.batch_size images in memory.
+  are `config`'s (default the run's) train split, streamed in an order
+  shuffled with the run's seed (`_cycled_batches`): the same batches for
+  the same seed, a bounded cost on any dataset, at most eval.batch_size
+  images in memory besides a streamed split's shuffle buffer.
   """
   from simclr_jax.data import datasets  # pylint: disable=g-import-not-at-top
   c = setup.config if config is None else config
@@ -292,7 +305,8 @@ def recalibrate_batch_stats(setup: Setup, variables: dict,
            datasets.source_for(c).split_size(split))
   bs = max(devices, bs // devices * devices)
   return state_lib.batch_stats_from_batches(
-      setup.model, variables, _cycled_batches(c, split, bs, batches))
+      setup.model, variables,
+      _cycled_batches(c, split, bs, batches, seed=setup.config.seed))
 
 
 def probe_dataset(setup: Setup) -> tuple[ml_collections.ConfigDict, bool]:
@@ -318,9 +332,10 @@ def evaluate_encoder(setup: Setup, state: state_lib.TrainState) -> dict:
 
   Every baseline reads the images the encoder is read out on: the
   random-init baseline is the exact network pretraining started from (same
-  seed), with BN statistics re-estimated on RANDOM_INIT_BN_BATCHES batches
-  of training images; the pixel baseline is the flattened images of both
-  splits (eval.pixel_max_examples caps it where they would not fit). Host
+  seed), with BN statistics re-estimated on RANDOM_INIT_BN_BATCHES seeded,
+  shuffled batches of training images; the pixel baseline is the flattened
+  images of both splits (eval.pixel_max_examples caps it where they would
+  not fit). Host
   memory holds the splits' features and at most one batch of images.
   """
   c = setup.config
@@ -358,6 +373,8 @@ def evaluate_encoder(setup: Setup, state: state_lib.TrainState) -> dict:
     results.update(readout.prefixed('random_init_', {
         k: v for k, v in rand.items() if not k.endswith('_examples')}))
     results['random_init_bn_batches'] = RANDOM_INIT_BN_BATCHES
+    # Those batches are the train split shuffled with this seed.
+    results['random_init_bn_shuffle_seed'] = c.seed
   if c.eval.probe_pixels:
     with _logged_readout(n, n, 'the raw pixels'):
       pixels = [readout.sample_pixels(
