@@ -24,9 +24,16 @@
 # SIMCLR_JAX_REQUIRE_ACCELERATOR=1, so such a run stops with one line instead
 # of training on the CPUs).
 #
-# Preemption: Slurm sends SIGTERM 5 minutes before the end (--signal); the
-# train loop finishes its step, checkpoints and exits, and the requeued job
-# (same command, same WORKDIR) resumes where it stopped.
+# Preemption: Slurm sends SIGTERM to every task 5 minutes before the end
+# (--signal); the train loop finishes its step, checkpoints and exits, and
+# the requeued job (same command, same WORKDIR) resumes where it stopped.
+#
+# Stopping by hand: `scancel --signal=TERM JOBID` does the same. A SIGTERM or
+# SIGINT that reaches this script (--signal=B:TERM@..., kill) is passed on
+# to every task the same way. A plain `scancel JOBID` signals srun too,
+# which answers SIGTERM by killing its tasks at once: no checkpoint.
+# Exit status: srun's, the highest among the tasks; a task that fails ends
+# the others (--kill-on-bad-exit), so a failure is never waited out.
 #SBATCH --job-name=simclr
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=8
@@ -65,4 +72,20 @@ if [[ "${JAX_AUTO:-0}" == 1 ]]; then
   pid_flag=''
 fi
 export SIMCLR_JAX_REQUIRE_ACCELERATOR=1
-srun --kill-on-bad-exit=1 bash -c "exec $python -m simclr_jax.main$args $pid_flag"
+# A signal to this script goes to the tasks through Slurm, not to srun: srun
+# turns a SIGTERM it receives into SIGKILL for its tasks ("srun: forcing job
+# termination"), while `scancel --signal=TERM` delivers SIGTERM to the tasks
+# of the job's steps and leaves the batch script, and srun in it, alone.
+# srun runs in the background because bash runs a trap only once its
+# foreground command has ended.
+trap 'scancel --signal=TERM "$SLURM_JOB_ID" || true' TERM INT
+srun --kill-on-bad-exit=1 bash -c "exec $python -m simclr_jax.main$args $pid_flag" &
+srun_pid=$!
+# wait returns early when a trapped signal arrives: wait again until srun
+# has ended (bash keeps its exit status), then exit with that status.
+while kill -0 "$srun_pid" 2>/dev/null; do
+  wait "$srun_pid" || true
+done
+status=0
+wait "$srun_pid" || status=$?
+exit "$status"

@@ -19,10 +19,19 @@
 # would be refused: SIMCLR_JAX_REQUIRE_ACCELERATOR=1 below).
 # PYTHON: the interpreter on the hosts (python3).
 #
-# Stopping: Ctrl-C here does not stop the remote processes; use
+# Stopping: a SIGTERM or SIGINT (Ctrl-C) to this script sends SIGTERM to the
+# training process on every host, through one more `ssh --worker=all`; each
+# host checkpoints and exits, and this script then exits with gcloud's
+# status. Signalling gcloud is not enough: it ends gcloud or its ssh
+# clients, never the remote commands, since a command that ssh runs without
+# a terminal gets no SIGHUP when its session closes and trains on with its
+# output going nowhere. From another machine, or once this script is gone:
 #   gcloud compute tpus tpu-vm ssh $TPU --zone=$ZONE --worker=all \
 #       --command='pkill -TERM -f simclr_jax.main'
-# which makes each host checkpoint and exit. Re-running resumes.
+# Re-running resumes.
+# Exit status: gcloud's, which waits for every host and returns the first
+# non-zero status among them; a failed process ends the job on the other
+# hosts (docs/robustness.md).
 set -euo pipefail
 usage='usage: TPU=... ZONE=... BUCKET=gs://... launch/tpu_pod.sh CONFIG RUN [flags...]'
 tpu=${TPU:?$usage}
@@ -47,5 +56,37 @@ fi
 
 args=$(printf ' %q' --config="$config" --workdir="$workdir" \
        --config.dataset.data_dir="$data_dir" --distributed "$@")
-# Refuse to train on the hosts' CPUs if JAX was installed without TPU support.
-ssh_all "cd $repo_dir && SIMCLR_JAX_REQUIRE_ACCELERATOR=1 $python -m simclr_jax.main$args"
+# Each host records the pid of its training process in a file named for this
+# launch, in its own /tmp (\$ marks what each host expands), so that the
+# stop command signals exactly that process. The stop command leaves a stop
+# file before it reads the pid, and a host looks for that file after writing
+# its pid, so a stop that comes while the sessions still connect reaches
+# every host too.
+tag="simclr_jax.$(date +%s).$$"
+pid_file="\${TMPDIR:-/tmp}/$tag.pid"
+stop_file="\${TMPDIR:-/tmp}/$tag.stop"
+stop_all() {
+  local kill_cmd="kill -TERM \"\$(cat $pid_file)\" 2>/dev/null"
+  ssh_all "touch $stop_file; if [ -e $pid_file ]; then $kill_cmd; fi; true" ||
+    true
+}
+# exec keeps the recorded pid. SIMCLR_JAX_REQUIRE_ACCELERATOR: refuse to
+# train on the hosts' CPUs if JAX was installed without TPU support.
+run_cmd="cd $repo_dir && echo \$\$ > $pid_file"
+run_cmd+=" && if [ -e $stop_file ]; then exit 143; fi"
+run_cmd+=" && exec env SIMCLR_JAX_REQUIRE_ACCELERATOR=1"
+run_cmd+=" $python -m simclr_jax.main$args"
+# bash runs a trap only once its foreground command has ended, so gcloud
+# runs in the background, with this script's stdin (a background command
+# would get /dev/null).
+trap stop_all TERM INT
+ssh_all "$run_cmd" <&0 &
+gcloud_pid=$!
+# wait returns early when a trapped signal arrives: wait again until gcloud
+# has ended (bash keeps its exit status), then exit with that status.
+while kill -0 "$gcloud_pid" 2>/dev/null; do
+  wait "$gcloud_pid" || true
+done
+status=0
+wait "$gcloud_pid" || status=$?
+exit "$status"
