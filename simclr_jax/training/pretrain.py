@@ -335,8 +335,8 @@ def evaluate_encoder(setup: Setup, state: state_lib.TrainState) -> dict:
   seed), with BN statistics re-estimated on RANDOM_INIT_BN_BATCHES seeded,
   shuffled batches of training images; the pixel baseline is the flattened
   images of both splits (eval.pixel_max_examples caps it where they would
-  not fit). Host
-  memory holds the splits' features and at most one batch of images.
+  not fit). Host memory holds the splits' features and at most one batch of
+  images.
   """
   c = setup.config
   ec, labelled = probe_dataset(setup)
