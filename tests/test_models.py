@@ -470,17 +470,19 @@ def test_build_model_from_config():
   config = defaults.base_config()
   model = models.build_model(config, num_classes=10)
   assert isinstance(model, models.SimCLRModel)
-  assert model.depth == 18 and model.cifar_stem  # image_size 32 -> CIFAR stem
+  # image_size 32 -> CIFAR stem
+  assert model.encoder.depth == 18 and model.encoder.cifar_stem
   assert model.num_classes == 10 and model.linear_head
   assert model.dtype == jnp.float32
   config.dataset.image_size = 224
   config.model.compute_dtype = 'bfloat16'
   config.model.linear_eval_while_pretraining = False
   model = models.build_model(config, num_classes=1000)
-  assert not model.cifar_stem and model.dtype == jnp.bfloat16
+  assert not model.encoder.cifar_stem and model.dtype == jnp.bfloat16
+  assert model.encoder.dtype == jnp.bfloat16
   assert not model.linear_head
   config.model.stem = 'cifar'
-  assert models.build_model(config, num_classes=10).cifar_stem
+  assert models.build_model(config, num_classes=10).encoder.cifar_stem
 
   config.model.stem = 'tiny'
   with pytest.raises(ValueError, match=r"model.stem='tiny' is not supported; "

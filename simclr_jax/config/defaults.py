@@ -86,6 +86,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.augment.finetune_flip = True
 
   c.model = ml_collections.ConfigDict()
+  # The encoder by name (models/encoders.py): 'resnet' reads depth ...
+  # maxpool_padding below, 'vit' the model.vit section.
+  c.model.name = 'resnet'
   c.model.depth = 18
   c.model.width_multiplier = 1.0
   c.model.sk_ratio = 0.0
@@ -98,6 +101,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.ft_proj_selector = 0
   c.model.linear_eval_while_pretraining = True
   c.model.compute_dtype = 'float32'  # or 'bfloat16'; params stay float32.
+  # Vision Transformer (model.name='vit'): a standard size ('tiny', 'small',
+  # 'base'; width, depth and num_heads > 0 override it), patch 16 for 224 px
+  # or 4 / 7 for 32 / 28 px, the class token or the patch mean as the
+  # feature, learned or fixed sine-cosine position embeddings, and MoCo v3's
+  # frozen random patch projection.
+  c.model.vit = ml_collections.ConfigDict(dict(
+      size='small', width=0, depth=0, num_heads=0, patch_size=16, pool='cls',
+      pos_embed='learned', frozen_patch_embed=False))
 
   c.loss = ml_collections.ConfigDict()
   c.loss.temperature = 0.5
@@ -258,19 +269,17 @@ def base_config() -> ml_collections.ConfigDict:
 
 # Fields a run resumed in a workdir must share with the run that wrote its
 # checkpoint (training/workdir.check_and_record): they fix the shapes of the
-# checkpointed state or what it means. 'pretrain': the network, optimiser,
+# checkpointed state or what it means. 'pretrain': the heads, optimiser,
 # data and method of the sections above; each method adds its own section's
 # (Method.resume_shape_fields). 'downstream' (linear_eval, finetune, distill,
-# adapt): the source run, the network, and the 'downstream' section their
-# recorded config.json carries (config/downstream.recorded_config).
+# adapt): the source run and the 'downstream' section their recorded
+# config.json carries (config/downstream.recorded_config). Both add the
+# encoder's own fields (models/encoders.resume_fields).
 RESUME_FIELDS = {
-    'pretrain': ('model.depth', 'model.width_multiplier', 'model.sk_ratio',
-                 'model.stem', 'model.num_proj_layers', 'model.proj_out_dim',
+    'pretrain': ('model.num_proj_layers', 'model.proj_out_dim',
                  'model.linear_eval_while_pretraining', 'optim.name',
                  'dataset.name', 'method'),
-    'downstream': ('init_from', 'dataset.name', 'model.depth',
-                   'model.width_multiplier', 'model.sk_ratio', 'model.stem',
-                   'model.ft_proj_selector', 'downstream.label_fraction',
+    'downstream': ('init_from', 'dataset.name', 'model.ft_proj_selector', 'downstream.label_fraction',
                    'downstream.label_seed', 'downstream.from_scratch',
                    'downstream.fine_tune_after_block', 'downstream.teacher',
                    'downstream.method', 'downstream.target'),
@@ -281,11 +290,14 @@ def resume_fields(config: ml_collections.ConfigDict,
                   mode: str) -> tuple[str, ...]:
   """The dotted fields a resume of `mode` ('pretrain' or a downstream
   training mode) checks against the workdir's recorded config."""
+  # Here, not at the top: recipes import this module without JAX.
+  from simclr_jax.models import encoders  # pylint: disable=g-import-not-at-top
+  network = encoders.resume_fields(config.model)
   if mode == 'pretrain':
-    # Here, not at the top: recipes import this module without JAX.
     from simclr_jax import methods  # pylint: disable=g-import-not-at-top
-    return RESUME_FIELDS['pretrain'] + methods.resume_shape_fields(config)
-  return RESUME_FIELDS['downstream']
+    return (RESUME_FIELDS['pretrain'] + network +
+            methods.resume_shape_fields(config))
+  return RESUME_FIELDS['downstream'] + network
 
 
 def load_recipe(path: str,

@@ -12,6 +12,7 @@ import math
 import ml_collections
 
 from simclr_jax.config.validation import ConfigError
+from simclr_jax.models import encoders
 from simclr_jax.models import resnet
 from simclr_jax.runtime.optim import LR_SCALINGS
 
@@ -19,8 +20,9 @@ EMBED_METHODS = ('pca', 'tsne')
 # fine_tune_after_block: -1 everything, 0 stem, 1..4 stages (see supervised).
 _BLOCKS = (-1, 0, 1, 2, 3, 4)
 # Architecture fields copied from the source run into the recorded config.
-_ARCH_FIELDS = ('depth', 'width_multiplier', 'sk_ratio', 'maxpool_padding',
-                'num_proj_layers', 'proj_out_dim', 'compute_dtype')
+_ARCH_FIELDS = ('name', 'depth', 'width_multiplier', 'sk_ratio',
+                'maxpool_padding', 'vit', 'num_proj_layers', 'proj_out_dim',
+                'compute_dtype')
 
 
 def _fail(field: str, value, allowed: str) -> None:
@@ -117,6 +119,7 @@ def recorded_config(config: ml_collections.ConfigDict,
   for field in _ARCH_FIELDS:
     if field in arch_config.model:
       out.model[field] = arch_config.model[field]
+  out.model.name = encoders.name_of(arch_config.model)
   cifar = resnet.uses_cifar_stem(arch_config.model,
                                  arch_config.dataset.image_size)
   out.model.stem = 'cifar' if cifar else 'imagenet'

@@ -9,6 +9,7 @@ import ml_collections
 
 from simclr_jax import methods
 from simclr_jax.config import durations
+from simclr_jax.models import encoders
 from simclr_jax.models import resnet
 from simclr_jax.runtime import config_checks as checks
 from simclr_jax.runtime.config_checks import ConfigError  # Re-exported.
@@ -30,11 +31,18 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
     datasets.check_name(config)
   except datasets.DatasetError as e:
     raise ConfigError(str(e)) from e
-  checks.choice('model.depth', config.model.depth, DEPTHS)
-  checks.choice('model.stem', config.model.stem, resnet.STEMS)
-  checks.choice('model.maxpool_padding',
-                config.model.get('maxpool_padding', 'torch'),
-                resnet.MAXPOOL_PADDINGS)
+  checks.choice('model.name', encoders.name_of(config.model),
+                sorted(encoders.ENCODERS))
+  if encoders.name_of(config.model) == 'resnet':
+    checks.choice('model.depth', config.model.depth, DEPTHS)
+    checks.choice('model.stem', config.model.stem, resnet.STEMS)
+    checks.choice('model.maxpool_padding',
+                  config.model.get('maxpool_padding', 'torch'),
+                  resnet.MAXPOOL_PADDINGS)
+  try:
+    encoders.check(config.model, config.dataset.image_size)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   checks.choice('model.compute_dtype', config.model.compute_dtype,
                 resnet.COMPUTE_DTYPES)
   checks.choice('augment.backend', config.augment.backend, BACKENDS)
@@ -107,7 +115,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
   size = config.dataset.image_size
   cifar = resnet.uses_cifar_stem(config.model, size)
   min_size = 8 if cifar else 32
-  if size < min_size:
+  if encoders.name_of(config.model) == 'resnet' and size < min_size:
     stem = 'cifar' if cifar else 'imagenet'
     raise ConfigError(
         f'config.dataset.image_size={size} is too small for the {stem} stem: '

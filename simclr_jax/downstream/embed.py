@@ -18,7 +18,7 @@ from simclr_jax.config import downstream as dcfg
 from simclr_jax.data import pipeline
 from simclr_jax.downstream import common
 from simclr_jax.evaluation import features as features_lib
-from simclr_jax.models import resnet
+from simclr_jax.models import encoders
 from simclr_jax.models.variables import split_variables
 from simclr_jax.runtime import parallel
 from simclr_jax.runtime import paths
@@ -30,11 +30,8 @@ def run_embed(config: ml_collections.ConfigDict, workdir: str) -> dict:
   dcfg.check_embed(config)
   e = config.embed
   src_config, src_vars, src_step = common.load_source(config)
-  m = src_config.model
-  encoder = resnet.ResNet(
-      depth=m.depth, width_multiplier=m.width_multiplier, sk_ratio=m.sk_ratio,
-      cifar_stem=resnet.uses_cifar_stem(m, src_config.dataset.image_size),
-      maxpool_padding=m.get('maxpool_padding', 'torch'))
+  encoder = encoders.build_encoder(src_config.model,
+                                   src_config.dataset.image_size)
   variables = split_variables(src_vars, 'encoder')
   mesh = parallel.make_mesh()
   apply = jax.jit(lambda v, x: encoder.apply(v, x, train=False))

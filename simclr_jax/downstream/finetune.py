@@ -14,6 +14,7 @@ from simclr_jax.config import downstream as dcfg
 from simclr_jax.data import datasets
 from simclr_jax.downstream import common
 from simclr_jax.models import classifier
+from simclr_jax.models import encoders
 from simclr_jax.training import state as state_lib
 from simclr_jax.training import supervised
 
@@ -34,7 +35,10 @@ def run_finetune(config: ml_collections.ConfigDict, workdir: str, *,
   variables = common.init_variables(
       model, config, jax.random.key(config.seed),
       None if f.from_scratch else src_vars)
-  frozen = supervised.frozen_mask(variables['params'], f.fine_tune_after_block)
+  frozen = supervised.frozen_mask(
+      variables['params'], f.fine_tune_after_block,
+      block_of=encoders.fine_tune_block(src_config.model,
+                                        src_config.dataset.image_size))
   data = common.train_data(config, f, fraction=f.label_fraction,
                            label_seed=f.label_seed)
   recorded = dcfg.recorded_config(

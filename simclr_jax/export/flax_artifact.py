@@ -1,7 +1,11 @@
 """A self-contained Flax artifact: variables as msgpack, model as JSON.
 
 Layout of an artifact directory:
-  model.json          {"format": ..., "encoder": ResNet kwargs (an older
+  model.json          {"format": ...,
+                       "encoder_name": the kind of encoder
+                           (models/encoders.py; 'resnet' when absent, as
+                           in artifacts written before there were others),
+                       "encoder": its module's kwargs (an older ResNet
                            artifact without maxpool_padding loads as
                            'torch', what every ResNet computed then),
                        "projection_head": ProjectionHead kwargs (plus
@@ -30,8 +34,8 @@ import numpy as np
 from etils import epath
 
 from simclr_jax.models import classifier
+from simclr_jax.models import encoders
 from simclr_jax.models import heads
-from simclr_jax.models import resnet
 
 FORMAT = 'simclr_jax.flax_artifact.v1'
 MODEL_FILE = 'model.json'
@@ -52,10 +56,12 @@ def save(directory: str, encoder_config: Mapping[str, Any],
          encoder_variables: Mapping[str, Any],
          head_config: Mapping[str, Any] | None = None,
          head_variables: Mapping[str, Any] | None = None,
-         source: Mapping[str, Any] | None = None) -> dict[str, str]:
+         source: Mapping[str, Any] | None = None,
+         encoder_name: str = encoders.DEFAULT) -> dict[str, str]:
   """Writes an artifact; returns {'model_json': path, 'variables': path}.
 
-  `encoder_config` holds `models.ResNet` fields (depth, width_multiplier,
+  `encoder_config` holds the fields of the `encoder_name` module
+  (`encoders.encoder_kwargs`; for a ResNet depth, width_multiplier,
   sk_ratio, cifar_stem and optionally maxpool_padding, 'torch' if absent);
   `head_config` `models.ProjectionHead` fields
   (num_layers, out_dim), plus total_layers for the first layers of a longer
@@ -67,9 +73,11 @@ def save(directory: str, encoder_config: Mapping[str, Any],
     tree['projection_head'] = _to_numpy(dict(head_variables))
   meta = {
       'format': FORMAT,
-      'encoder': dict({k: encoder_config[k] for k in _ENCODER_FIELDS},
-                      **{k: encoder_config.get(k, v)
-                         for k, v in _ENCODER_DEFAULTS.items()}),
+      'encoder_name': encoder_name,
+      'encoder': (dict({k: encoder_config[k] for k in _ENCODER_FIELDS},
+                       **{k: encoder_config.get(k, v)
+                          for k, v in _ENCODER_DEFAULTS.items()})
+                  if encoder_name == 'resnet' else dict(encoder_config)),
       'projection_head': ({k: head_config[k] for k in _HEAD_FIELDS
                            if k in head_config}
                           if head_variables is not None else None),
@@ -110,7 +118,7 @@ def load(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def load_encoder(path: str, dtype: Any = jnp.float32
-                 ) -> tuple[resnet.ResNet, dict[str, Any]]:
+                 ) -> tuple[Any, dict[str, Any]]:
   """One call from an exported artifact to a usable encoder.
 
   Returns (module, variables): `module.apply(variables, x, train=False)`
@@ -118,9 +126,11 @@ def load_encoder(path: str, dtype: Any = jnp.float32
   bfloat16); the stored parameters are float32.
   """
   meta, tree = load(path)
-  module = resnet.ResNet(**dict(_ENCODER_DEFAULTS, **meta['encoder']),
-                         dtype=dtype)
-  return module, tree['encoder']
+  name = meta.get('encoder_name', encoders.DEFAULT)
+  kwargs = meta['encoder']
+  if name == 'resnet':
+    kwargs = dict(_ENCODER_DEFAULTS, **kwargs)
+  return encoders.from_kwargs(name, kwargs, dtype=dtype), tree['encoder']
 
 
 def load_projection_head(path: str, dtype: Any = jnp.float32

@@ -7,6 +7,9 @@ Reads the run named by `config.init_from` (a pretraining or fine-tuning
                                             (`export.load_encoder(workdir)`)
   resnet{depth}.safetensors                 torchvision ResNet state_dict
                                             (or resnet{depth}_cifar_stem...)
+  timm_{model}.safetensors, timm.json       the encoder in timm's layout and
+                                            the timm.create_model call that
+                                            builds it (export/timm_layout.py)
   projection_head.safetensors               the head as a torch nn.Sequential
 
 Config (`config.export`, see defaults.py): `include_head` (also export the
@@ -20,6 +23,7 @@ counterpart: torchvision's max-pool pads (1, 1).
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from typing import Any
@@ -32,9 +36,10 @@ from etils import epath
 from simclr_jax.runtime import checkpointing
 from simclr_jax.runtime import paths as paths_lib  # `paths` is a local name below.
 from simclr_jax.export import flax_artifact
+from simclr_jax.export import timm_layout
 from simclr_jax.export import torch_layout
+from simclr_jax.models import encoders
 from simclr_jax.models import heads
-from simclr_jax.models import resnet
 
 TORCHVISION_MODES = ('auto', 'require', 'off')
 
@@ -76,11 +81,8 @@ def run_export(config: ml_collections.ConfigDict, workdir: str) -> dict:
   include_head, tv_mode = _export_options(config)
   run_config, variables, step = checkpointing.load_run(config.init_from)
   m = run_config.model
-  encoder_config = dict(
-      depth=m.depth, width_multiplier=m.width_multiplier,
-      sk_ratio=m.sk_ratio,
-      cifar_stem=resnet.uses_cifar_stem(m, run_config.dataset.image_size),
-      maxpool_padding=m.get('maxpool_padding', 'torch'))
+  encoder_name = encoders.name_of(m)
+  encoder_config = encoders.encoder_kwargs(m, run_config.dataset.image_size)
   encoder = torch_layout.split_variables(variables, 'encoder')
   head, head_config = None, None
   if include_head and variables['params'].get('projection_head'):
@@ -101,7 +103,7 @@ def run_export(config: ml_collections.ConfigDict, workdir: str) -> dict:
   flax_dir = os.path.join(workdir, 'flax')
   if writer:
     paths = flax_artifact.save(flax_dir, encoder_config, encoder, head_config,
-                               head, source)
+                               head, source, encoder_name=encoder_name)
     results.update(flax_model_json=paths['model_json'],
                    flax_variables=paths['variables'])
   results.update(
@@ -111,7 +113,12 @@ def run_export(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   results.update(torchvision_state_dict=None, torchvision_num_keys=0,
                  torchvision_skipped=None)
-  if tv_mode != 'off':
+  if tv_mode != 'off' and encoder_name != 'resnet':
+    reason = f'torchvision has no layout for a {encoder_name} encoder'
+    if tv_mode == 'require':
+      raise ValueError(reason + '; set export.torchvision=off')
+    results['torchvision_skipped'] = reason
+  elif tv_mode != 'off':
     try:
       state_dict = torch_layout.to_torchvision(
           encoder, allow_cifar_stem=True,
@@ -135,6 +142,26 @@ def run_export(config: ml_collections.ConfigDict, workdir: str) -> dict:
         save_safetensors(path, state_dict, meta)
       results.update(torchvision_state_dict=path,
                      torchvision_num_keys=len(state_dict))
+
+  results.update(timm_state_dict=None, timm_spec=None, timm_skipped=None)
+  try:
+    timm_dict, spec = timm_layout.to_timm(
+        encoder_name, encoder_config, encoder, run_config.dataset.image_size)
+  except ValueError as e:
+    logging.warning('No timm export: %s', e)
+    results['timm_skipped'] = str(e)
+  else:
+    path = os.path.join(workdir, f'timm_{spec["model_name"]}.safetensors')
+    spec_path = os.path.join(workdir, 'timm.json')
+    if writer:
+      save_safetensors(path, timm_dict, dict(
+          format='timm', timm_model=spec['model_name'],
+          timm_kwargs=json.dumps(spec['kwargs'], sort_keys=True)))
+      paths_lib.write_text_atomic(spec_path, json.dumps(
+          dict(spec, state_dict=os.path.basename(path)), indent=2,
+          sort_keys=True))
+    results.update(timm_state_dict=path, timm_spec=spec_path,
+                   timm_num_keys=len(timm_dict))
 
   results.update(projection_head_state_dict=None,
                  projection_head_num_keys=0)

@@ -248,10 +248,9 @@ class DeepCluster(base.Method):
   def __init__(self, config, *, total_steps, num_train_examples):
     super().__init__(config, total_steps=total_steps,
                      num_train_examples=num_train_examples)
-    from simclr_jax.models import resnet  # pylint: disable=g-import-not-at-top
-    m = config.model
-    self.feature_dim = resnet.ResNet(
-        depth=m.depth, width_multiplier=m.width_multiplier).num_features
+    from simclr_jax.models import encoders  # pylint: disable=g-import-not-at-top
+    self.feature_dim = encoders.build_encoder(
+        config.model, config.dataset.image_size).num_features
     self.pca_dim = min(int(self.settings.pca_dim), self.feature_dim)
 
   def recluster_every(self, steps_per_epoch: float) -> int:

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from simclr_jax.losses import alignment
+from simclr_jax.models import encoders
 from simclr_jax.models import heads
 from simclr_jax.models import resnet
 
@@ -50,11 +51,13 @@ class HeadLayers(nn.Module):
 
 
 class Classifier(nn.Module):
-  """ResNet encoder + kept head layers + linear classifier.
+  """Encoder + kept head layers + linear classifier.
 
   Attributes:
-    depth, width_multiplier, sk_ratio, cifar_stem, maxpool_padding: the
-      `resnet.ResNet` (a fine-tuned encoder keeps its source's padding).
+    encoder: the encoder module (`encoders.build_encoder` of the source
+      run's config), or None for a `resnet.ResNet` of the five fields below.
+    depth, width_multiplier, sk_ratio, cifar_stem, maxpool_padding: that
+      ResNet (a fine-tuned encoder keeps its source's padding).
     head_layers: projection-head layers kept (ft_proj_selector).
     total_head_layers: layers of the pretrained head (decides whether the
       last kept layer is the head's output layer).
@@ -68,6 +71,7 @@ class Classifier(nn.Module):
       al. 2020a, App. B.6); the optimiser must also leave its weights alone.
     dtype: computation dtype; parameters and logits are float32.
   """
+  encoder: nn.Module | None = None
   depth: int = 50
   width_multiplier: float = 1
   sk_ratio: float = 0.0
@@ -88,11 +92,14 @@ class Classifier(nn.Module):
     """Returns {'features': classifier input, 'logits': (N, classes)}, and
     'domain_logits' (N, 1) with a domain classifier, whose gradient reaches
     the features multiplied by -reversal_scale."""
-    h = resnet.ResNet(
-        depth=self.depth, width_multiplier=self.width_multiplier,
-        sk_ratio=self.sk_ratio, cifar_stem=self.cifar_stem,
-        maxpool_padding=self.maxpool_padding, dtype=self.dtype,
-        name='encoder')(x, train and not self.frozen_encoder)
+    encoder = self.encoder
+    if encoder is None:
+      encoder = resnet.ResNet(
+          depth=self.depth, width_multiplier=self.width_multiplier,
+          sk_ratio=self.sk_ratio, cifar_stem=self.cifar_stem,
+          maxpool_padding=self.maxpool_padding, dtype=self.dtype,
+          name='encoder')
+    h = encoder(x, train and not self.frozen_encoder)
     if self.frozen_encoder:
       h = jax.lax.stop_gradient(h)
     if self.head_layers:
@@ -125,14 +132,11 @@ def build_classifier(run_config: ml_collections.ConfigDict, *,
   differs.
   """
   m = run_config.model
-  resnet.check_depth(m.depth)
   dtype = resnet.compute_dtype(compute_dtype or
                                m.get('compute_dtype', 'float32'))
   return Classifier(
-      depth=m.depth, width_multiplier=m.width_multiplier,
-      sk_ratio=m.sk_ratio,
-      cifar_stem=resnet.uses_cifar_stem(m, run_config.dataset.image_size),
-      maxpool_padding=m.get('maxpool_padding', 'torch'),
+      encoder=encoders.build_encoder(m, run_config.dataset.image_size,
+                                     dtype=dtype),
       head_layers=head_layers, total_head_layers=m.num_proj_layers,
       proj_out_dim=m.proj_out_dim, num_classes=num_classes,
       frozen_encoder=frozen_encoder, domain_hidden_dim=domain_hidden_dim,

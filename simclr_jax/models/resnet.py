@@ -106,6 +106,21 @@ def check_stem(stem: str) -> None:
                      + ', '.join(repr(s) for s in STEMS))
 
 
+# Encoder submodules before stage 1, "block 0" of fine_tune_after_block.
+_STEM_MODULES = ('conv_init', 'bn_init', 'conv_stem1', 'bn_stem1',
+                 'conv_stem2', 'bn_stem2')
+
+
+def fine_tune_block(name: str) -> int | None:
+  """fine_tune_after_block index of a top-level ResNet submodule: 0 for the
+  stem, i for stage i (torchvision's layer{i}); None for anything else."""
+  if name in _STEM_MODULES:
+    return 0
+  if name.startswith('stage'):
+    return int(name[len('stage'):].split('_')[0])
+  return None
+
+
 def uses_cifar_stem(model_config: Any, image_size: int) -> bool:
   """Whether `model_config.stem` means the CIFAR stem at `image_size`.
 

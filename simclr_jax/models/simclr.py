@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from simclr_jax import losses
+from simclr_jax.models import encoders
 from simclr_jax.models import heads
 from simclr_jax.models import resnet
 
@@ -26,14 +27,18 @@ class SimCLRModel(nn.Module):
   """Encoder + projection head + (optional) linear head on detached features.
 
   Attributes:
-    depth, width_multiplier, sk_ratio, cifar_stem, maxpool_padding: The
-      `resnet.ResNet` encoder.
+    encoder: The encoder module (`encoders.build_encoder`), or None for a
+      `resnet.ResNet` built from the five fields below (the constructor's
+      first form, which the released-checkpoint importer uses).
+    depth, width_multiplier, sk_ratio, cifar_stem, maxpool_padding: That
+      ResNet, when `encoder` is None.
     num_proj_layers, proj_out_dim: The `heads.ProjectionHead`.
     num_classes: Output classes of the linear head.
     linear_head: Whether to build the linear head (logits is None otherwise).
     dtype: Computation dtype; parameters and all outputs are float32.
     bn_axis_name: Mapped axis for BN statistics inside shard_map/pmap.
   """
+  encoder: nn.Module | None = None
   depth: int = 50
   width_multiplier: float = 1
   sk_ratio: float = 0.0
@@ -57,15 +62,18 @@ class SimCLRModel(nn.Module):
     Both augmented views should be passed as one batch so BN statistics cover
     both (docs/algorithms.md#batch-normalisation).
     """
-    h = resnet.ResNet(
-        depth=self.depth,
-        width_multiplier=self.width_multiplier,
-        sk_ratio=self.sk_ratio,
-        cifar_stem=self.cifar_stem,
-        maxpool_padding=self.maxpool_padding,
-        dtype=self.dtype,
-        bn_axis_name=self.bn_axis_name,
-        name='encoder')(x, train)
+    encoder = self.encoder
+    if encoder is None:
+      encoder = resnet.ResNet(
+          depth=self.depth,
+          width_multiplier=self.width_multiplier,
+          sk_ratio=self.sk_ratio,
+          cifar_stem=self.cifar_stem,
+          maxpool_padding=self.maxpool_padding,
+          dtype=self.dtype,
+          bn_axis_name=self.bn_axis_name,
+          name='encoder')
+    h = encoder(x, train)
     z, hiddens = heads.ProjectionHead(
         num_layers=self.num_proj_layers,
         out_dim=self.proj_out_dim,
@@ -121,18 +129,11 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int,
     ValueError: one line naming the bad field and its allowed values.
   """
   m = config.model
-  resnet.check_depth(m.depth)  # Fail before any tracing.
-  # Older configs (and their saved config.json) predate the field.
-  maxpool_padding = m.get('maxpool_padding', 'torch')
-  resnet.check_maxpool_padding(maxpool_padding)
-  resnet.check_stem(m.stem)
   dtype = resnet.compute_dtype(m.compute_dtype)
+  # Checks the encoder's settings before any tracing.
+  encoder = encoders.build_encoder(m, config.dataset.image_size, dtype=dtype)
   return SimCLRModel(
-      depth=m.depth,
-      width_multiplier=m.width_multiplier,
-      sk_ratio=m.sk_ratio,
-      cifar_stem=resnet.uses_cifar_stem(m, config.dataset.image_size),
-      maxpool_padding=maxpool_padding,
+      encoder=encoder,
       num_proj_layers=m.num_proj_layers,
       proj_out_dim=m.proj_out_dim,
       num_classes=num_classes,

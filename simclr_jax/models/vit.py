@@ -240,6 +240,20 @@ class ViT(nn.Module):
     return h.astype(jnp.float32)
 
 
+def fine_tune_block(name: str, depth: int) -> int | None:
+  """fine_tune_after_block index of a top-level ViT submodule, on the
+  ResNet's 0..4 scale: 0 for the embeddings (patches, class token,
+  positions), 1..4 for each quarter of the `depth` blocks, 4 for the final
+  norm; None for anything else."""
+  if name in ('patch_embed', 'cls_token', 'pos_embed'):
+    return 0
+  if name.startswith('blocks_'):
+    return 1 + 4 * int(name[len('blocks_'):]) // depth
+  if name in ('norm', 'fc_norm'):
+    return 4
+  return None
+
+
 def vit(size: str, **kwargs: Any) -> ViT:
   """The ViT of a standard size ('tiny', 'small', 'base'), other fields as
   keyword arguments."""

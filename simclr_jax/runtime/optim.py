@@ -9,6 +9,7 @@ excluded from the trust ratio and keeps its kernel's weight decay
 (`trust_ratio_mask`).
 """
 
+import functools
 import math
 from typing import Any, Callable
 
@@ -27,17 +28,22 @@ def _leaf_name(path: tuple[Any, ...]) -> str:
   return str(getattr(last, 'key', getattr(last, 'name', last)))
 
 
-def decay_mask(params: Any) -> Any:
-  """True for leaves that get weight decay and LARS adaptation.
+# Leaf names that get no weight decay or LARS adaptation: Flax names
+# BatchNorm and LayerNorm parameters 'scale' and 'bias' and Dense/Conv biases
+# 'bias'. An encoder may add its own (models/encoders.no_decay_leaves).
+NO_DECAY_LEAVES = ('bias', 'scale')
 
-  Flax names BatchNorm parameters 'scale' and 'bias' and Dense/Conv biases
-  'bias'; everything else (conv and dense kernels) is adapted.
-  """
+
+def decay_mask(params: Any, no_decay: tuple[str, ...] = NO_DECAY_LEAVES
+               ) -> Any:
+  """True for leaves that get weight decay and LARS adaptation: every leaf
+  not named in `no_decay` (conv and dense kernels, for a ResNet)."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: _leaf_name(path) not in ('bias', 'scale'), params)
+      lambda path, _: _leaf_name(path) not in no_decay, params)
 
 
-def trust_ratio_mask(params: Any) -> Any:
+def trust_ratio_mask(params: Any,
+                     no_decay: tuple[str, ...] = NO_DECAY_LEAVES) -> Any:
   """True for leaves that get LARS's trust ratio.
 
   As `decay_mask`, minus the online linear head ('linear_head'): the authors'
@@ -49,7 +55,7 @@ def trust_ratio_mask(params: Any) -> Any:
   """
   return jax.tree_util.tree_map_with_path(
       lambda path, keep: keep and _top_name(path) != 'linear_head',
-      decay_mask(params))
+      decay_mask(params, no_decay))
 
 
 def _top_name(path: tuple[Any, ...]) -> str:
@@ -81,47 +87,63 @@ def warmup_cosine(peak: float, warmup_steps: int,
 
 def build(name: str, schedule: Callable[[Any], Any], *, weight_decay: float,
           momentum: float, nesterov: bool = False,
-          trust_coefficient: float = 0.001, frozen: Any = None
+          trust_coefficient: float = 0.001, frozen: Any = None,
+          no_decay: tuple[str, ...] = NO_DECAY_LEAVES
           ) -> optax.GradientTransformation:
   """The one optimiser builder, for pretraining and the supervised modes.
 
-  `frozen` (a tree of bools like the params, True = frozen) gives those
-  parameters no update at all: no gradient step, no momentum, no weight
-  decay (optax.set_to_zero), so they stay bit-identical.
+  `frozen` (a tree of bools like the params, True = frozen, or a function
+  of the params that returns one) gives those parameters no update at all:
+  no gradient step, no momentum, no weight decay (optax.set_to_zero), so
+  they stay bit-identical. `no_decay` names the leaves without weight decay
+  or LARS adaptation.
   """
+  mask = functools.partial(decay_mask, no_decay=no_decay)
   if name == 'lars':
     tx = optax.lars(
         learning_rate=schedule, weight_decay=weight_decay,
-        weight_decay_mask=decay_mask, trust_coefficient=trust_coefficient,
-        eps=0.0, trust_ratio_mask=trust_ratio_mask, momentum=momentum,
-        nesterov=nesterov)
+        weight_decay_mask=mask, trust_coefficient=trust_coefficient,
+        eps=0.0,
+        trust_ratio_mask=functools.partial(trust_ratio_mask,
+                                           no_decay=no_decay),
+        momentum=momentum, nesterov=nesterov)
   elif name == 'sgd':
     tx = optax.chain(
-        optax.add_decayed_weights(weight_decay, mask=decay_mask),
+        optax.add_decayed_weights(weight_decay, mask=mask),
         optax.sgd(schedule, momentum=momentum, nesterov=nesterov))
   elif name == 'adamw':
-    tx = optax.adamw(schedule, weight_decay=weight_decay, mask=decay_mask)
+    tx = optax.adamw(schedule, weight_decay=weight_decay, mask=mask)
   else:
     raise ValueError(f'optim.name={name!r} is not supported; choose one of '
                      f'{", ".join(OPTIMIZERS)}')
   if frozen is None:
     return tx
-  labels = jax.tree.map(lambda f: 'frozen' if f else 'train', frozen)
+
+  def labels(params):
+    tree = frozen(params) if callable(frozen) else frozen
+    return jax.tree.map(lambda f: 'frozen' if f else 'train', tree)
+
   return optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()},
                                labels)
 
 
 def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int,
-                   total_steps: int
+                   total_steps: int, *, frozen: Any = None,
+                   no_decay: tuple[str, ...] = NO_DECAY_LEAVES
                    ) -> tuple[optax.GradientTransformation, Callable]:
-  """(optimizer, schedule) of pretraining: the config's optim section."""
+  """(optimizer, schedule) of pretraining: the config's optim section.
+
+  `frozen` and `no_decay` as in `build`; pretraining passes its encoder's
+  (training/pretrain.make_optimizer).
+  """
   o = config.optim
   peak = peak_learning_rate(o.base_learning_rate, config.batch_size,
                             o.lr_scaling)
   warmup_steps = durations.steps(o, 'warmup', steps_per_epoch)
   schedule = warmup_cosine(peak, warmup_steps, total_steps)
   tx = build(o.name, schedule, weight_decay=o.weight_decay,
-             momentum=o.momentum, trust_coefficient=o.trust_coefficient)
+             momentum=o.momentum, trust_coefficient=o.trust_coefficient,
+             frozen=frozen, no_decay=no_decay)
   return tx, schedule
 
 

@@ -43,7 +43,6 @@ from simclr_jax.config import resolve as config_resolve
 from simclr_jax.config import validation
 from simclr_jax.data import datasets
 from simclr_jax.evaluation import readout
-from simclr_jax.runtime import optim
 from simclr_jax.runtime import parallel
 from simclr_jax.tools import step_benchmark
 from simclr_jax.training import pretrain
@@ -189,7 +188,7 @@ def _setup(config: ml_collections.ConfigDict, mesh: Any, data: DatasetSizes,
                                num_train_examples=data.num_train)
   model = models.build_model(config, max(data.num_classes, 1),
                              **method.model_overrides())
-  tx, schedule = optim.make_optimizer(config, steps_per_epoch, total_steps)
+  tx, schedule = pretrain.make_optimizer(config, steps_per_epoch, total_steps)
   init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
   info = datasets.DatasetInfo(config.dataset.name, data.num_train,
                               data.num_classes, (None, None, 3))

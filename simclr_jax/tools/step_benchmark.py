@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from simclr_jax.models import encoders
 from simclr_jax.runtime import parallel
 
 # Dense (no sparsity) bf16 peak FLOP/s per device from the vendors' data
@@ -252,7 +253,7 @@ def benchmark_train_step(config, steps: int, warmup: int,
       'mode': 'train_step',
       'device_kind': kind, 'platform': platform,
       'device_count': devices,
-      'model': f'resnet{m.depth}x{m.width_multiplier}',
+      'model': encoders.describe(m, s),
       'depth': m.depth, 'width_multiplier': m.width_multiplier,
       'image_size': s, 'global_batch': b, 'per_device_batch': b // devices,
       'compute_dtype': m.compute_dtype,
@@ -380,6 +381,9 @@ def torch_peer_row(config, steps: int, warmup: int, compile_step: bool
     return {'error': f'torch not importable: {e}'}
   from simclr_jax.models import resnet  # pylint: disable=g-import-not-at-top
   m = config.model
+  if encoders.name_of(m) != 'resnet':
+    return {'error': f'the PyTorch peer is a ResNet; model.name is '
+                     f'{encoders.name_of(m)!r}'}
   return torch_peer.benchmark_step(
       depth=m.depth, width_multiplier=m.width_multiplier,
       image_size=config.dataset.image_size, batch_size=config.batch_size,

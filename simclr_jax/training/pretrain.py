@@ -29,6 +29,7 @@ from simclr_jax.config import resolve as config_resolve
 from simclr_jax.config.validation import ConfigError
 from simclr_jax.evaluation import knn_monitor
 from simclr_jax.evaluation import readout
+from simclr_jax.models import encoders
 from simclr_jax.runtime import accelerator
 from simclr_jax.runtime import optim
 from simclr_jax.runtime import parallel
@@ -95,10 +96,21 @@ def build(config: ml_collections.ConfigDict, mesh=None) -> Setup:
   # then 0: every label is -1).
   model = models.build_model(config, max(info.num_classes, 1),
                              **method.model_overrides())
-  tx, schedule = optim.make_optimizer(config, steps_per_epoch, total_steps)
+  tx, schedule = make_optimizer(config, steps_per_epoch, total_steps)
   init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
   return Setup(config, mesh, info, steps_per_epoch, total_steps, model,
                method, tx, schedule, init_rng, step_rng)
+
+
+def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int,
+                   total_steps: int):
+  """(optimizer, schedule) of pretraining, with what the encoder declares:
+  the leaves without weight decay or LARS adaptation, and the parts that
+  never train (MoCo v3's frozen patch projection)."""
+  return optim.make_optimizer(
+      config, steps_per_epoch, total_steps,
+      frozen=encoders.frozen_mask(config.model, config.dataset.image_size),
+      no_decay=encoders.no_decay_leaves())
 
 
 def views_fn(setup: Setup):

@@ -19,12 +19,9 @@ import optax
 
 from simclr_jax import losses
 from simclr_jax.evaluation import features as features_lib
+from simclr_jax.models import resnet
 from simclr_jax.runtime import parallel
 from simclr_jax.training.state import TrainState
-
-# Encoder submodules before stage 1, "block 0" of fine_tune_after_block.
-_STEM_MODULES = ('conv_init', 'bn_init', 'conv_stem1', 'bn_stem1',
-                 'conv_stem2', 'bn_stem2')
 
 LossFn = Callable[[jax.Array, jax.Array, jax.Array | None],
                   tuple[jax.Array, dict]]
@@ -83,24 +80,19 @@ def distill_loss_fn(temperature: float, labelled_weight: float) -> LossFn:
   return loss_fn
 
 
-def _module_block(name: str) -> int | None:
-  """fine_tune_after_block index of an encoder submodule (stem 0, stage i)."""
-  if name in _STEM_MODULES:
-    return 0
-  if name.startswith('stage'):
-    return int(name[len('stage'):].split('_')[0])
-  return None
-
-
 def frozen_mask(params: Any, fine_tune_after_block: int = -1,
-                frozen_encoder: bool = False) -> Any:
+                frozen_encoder: bool = False,
+                block_of: Callable[[str], int | None] = resnet.fine_tune_block
+                ) -> Any:
   """Tree of bools, True for parameters that must not change.
 
   Numbering as the TF2 reference's fine_tune_after_block: -1 trains
   everything; 0 freezes the stem; k in 1..4 freezes the stem and stages 1..k
   (stage k = torchvision's layer{k}), so 4 freezes the whole encoder. Head
   layers and the classifier always train. `frozen_encoder` freezes the
-  whole encoder whatever the block.
+  whole encoder whatever the block. `block_of` maps the encoder's top-level
+  submodules to those numbers: the encoder's own rule
+  (`encoders.EncoderKind.fine_tune_block`), the ResNet's by default.
   """
 
   def frozen(path, _):
@@ -109,7 +101,9 @@ def frozen_mask(params: Any, fine_tune_after_block: int = -1,
       return False
     if frozen_encoder:
       return True
-    block = _module_block(keys[1])
+    if fine_tune_after_block < 0:
+      return False
+    block = block_of(keys[1])
     if block is None:
       raise ValueError(f'unexpected encoder parameter {"/".join(keys)}')
     return block <= fine_tune_after_block
