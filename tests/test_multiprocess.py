@@ -4,7 +4,9 @@ The 2-process test is the real thing at toy size: two `simclr_jax.main`
 processes x 4 virtual CPU devices join through a coordinator on a free local
 port, run their collectives over gloo, read disjoint halves of every global
 batch, and write one Orbax checkpoint together. It must train exactly what
-one process with 8 devices trains.
+one process with 8 devices trains, and its end-of-run read-outs, from
+features that each process holds only half of, must be what one process
+holding them whole reads out of the same weights.
 """
 
 import json
@@ -13,29 +15,34 @@ import socket
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import ml_collections
 import numpy as np
 import pytest
 
+from simclr_jax.config import defaults
 from simclr_jax.runtime import checkpointing
 from simclr_jax.runtime import distributed
 from simclr_jax.data import pipeline
 from simclr_jax.data import streams
+from simclr_jax.training import pretrain
 from conftest import TINY_RECIPE, xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The tiny run with no warmup, so 3 steps move the weights far (about 1.4 at
-# most) compared with the tolerance below; the recipe's checkpoint interval
-# and few-shot read-out.
+# most) compared with the tolerance below; a checkpoint at step 3 (where the
+# 1-process run stops) and the read-outs of the encoder only, with few-shot
+# probes of 1 and 5 labels per class.
 OVERRIDES = {
     'optim.warmup_epochs': 0.0,
     'train_steps': 4,  # With stop_after_steps=3: same schedule, no evaluation.
-    'checkpoint_every_steps': 100,
-    'eval.fewshot_draws': 10,
-    'eval.fewshot_shots': (1, 5, 10),
+    'checkpoint_every_steps': 3,
+    'eval.fewshot_draws': 2,
+    'eval.fewshot_shots': (1, 5),
+    'eval.probe_pixels': False,
     # The tolerances below were measured with the reference augmentation
     # and T 0.2. The digits recipe's gentler crop and T 0.1 amplify rounding
     # further over 3 steps (measured: 1.4e-3 in a parameter, 2.2e-5 in the
@@ -57,6 +64,15 @@ STOP_AFTER = 3
 STEP1_RTOL = 1e-6
 LOSS_RTOL = 2e-5
 PARAM_RTOL = PARAM_ATOL = 1e-3
+# The 2-process job runs on to the end and reads out with every split's
+# features spread over the processes (no split is gathered), recording its
+# kNN predictions; one process with 8 devices then reads out the same
+# checkpoint with the features whole, as a 1-process run does.
+SHARDED_EVAL = ('--config.eval.feature_gather_max_bytes=0',
+                '--config.debug.record_knn_predictions=True')
+# The probes fit the same objective with their sums over rows in another
+# order (each process's rows first); a tenth of a point at most.
+PROBE_ATOL = 1e-3
 
 
 def _free_port() -> int:
@@ -98,17 +114,29 @@ def _start(cmd, devices, log):
                             env=_env(devices), cwd=ROOT)
 
 
+def _one_process_readout(workdir: str) -> dict:
+  """The read-outs of a run's final checkpoint, computed here: one process,
+  8 devices, every split's features gathered whole (the default)."""
+  config, variables, _ = checkpointing.load_run(workdir)
+  config.eval.feature_gather_max_bytes = (
+      defaults.base_config().eval.feature_gather_max_bytes)
+  setup = pretrain.build(config)
+  return pretrain.evaluate_encoder(setup, types.SimpleNamespace(**variables))
+
+
 def test_two_processes_train_what_one_process_trains(tmp_path):
   two_dir, one_dir = str(tmp_path / 'two'), str(tmp_path / 'one')
   stop = f'--stop_after_steps={STOP_AFTER}'
   port = _free_port()
   logs = [str(tmp_path / f'{name}.log') for name in ('p0', 'p1', 'one')]
-  # All three at once: the 2-process job and the 1 process x 8 devices
-  # reference, which runs the same config through the same entry point.
+  # All three at once: the 2-process job, which trains on to the end and
+  # reads out, and the 1 process x 8 devices reference, which runs the same
+  # config through the same entry point up to step 3.
   procs = [
       _start(_main_cmd(two_dir, f'--coordinator_address=localhost:{port}',
                        '--num_processes=2', f'--process_id={i}',
-                       '--initialization_timeout=120', stop), 4, logs[i])
+                       '--initialization_timeout=120', *SHARDED_EVAL), 4,
+             logs[i])
       for i in range(2)]
   procs.append(_start(_main_cmd(one_dir, stop), 8, logs[2]))
   try:
@@ -119,10 +147,10 @@ def test_two_processes_train_what_one_process_trains(tmp_path):
       if p.poll() is None:
         p.kill()
 
-  # The checkpoint both processes wrote restores in this single process
-  # (8 devices here, none of them the 2-process job's) and holds what the
-  # 1-process run trained.
-  _, two, step = checkpointing.load_run(two_dir)
+  # The checkpoint both processes wrote at step 3 restores in this single
+  # process (8 devices here, none of them the 2-process job's) and holds
+  # what the 1-process run trained.
+  _, two, step = checkpointing.load_run(two_dir, STOP_AFTER)
   _, one, one_step = checkpointing.load_run(one_dir)
   assert step == one_step == STOP_AFTER
   assert jax.tree.structure(two) == jax.tree.structure(one)
@@ -136,19 +164,51 @@ def test_two_processes_train_what_one_process_trains(tmp_path):
   # Same loss at every step; process 0 alone wrote the logs and results.
   for name in ('loss', 'grad_norm'):
     two_m, one_m = _metric(two_dir, name), _metric(one_dir, name)
-    assert len(two_m) == len(one_m) == STOP_AFTER
+    assert len(two_m) == STOP_AFTER + 1 and len(one_m) == STOP_AFTER
     np.testing.assert_allclose(two_m[0], one_m[0], rtol=STEP1_RTOL)
-    np.testing.assert_allclose(two_m, one_m, rtol=LOSS_RTOL)
+    np.testing.assert_allclose(two_m[:STOP_AFTER], one_m, rtol=LOSS_RTOL)
   results = []
   for workdir in (two_dir, one_dir):
     with open(os.path.join(workdir, 'results.json')) as f:
       results.append(json.load(f))
-  assert results[0]['steps'] == STOP_AFTER and results[0]['interrupted']
-  np.testing.assert_allclose(results[0]['final_train_loss'],
+  assert results[1]['steps'] == STOP_AFTER and results[1]['interrupted']
+  assert results[0]['steps'] == STOP_AFTER + 1
+  assert not results[0]['interrupted']
+  np.testing.assert_allclose(_metric(two_dir, 'loss')[STOP_AFTER - 1],
                              results[1]['final_train_loss'], rtol=LOSS_RTOL)
   log0, log1 = _tail(logs[0], 10**6), _tail(logs[1], 10**6)
   assert 'global batch 64 on 8 x cpu (cpu), 2 processes' in log0
   assert 'step 3/4' in log0 and 'step 3/4' not in log1
+
+  # The read-outs of the 2-process job, each process holding its half of
+  # every split's features, against one process holding them whole.
+  two_r = results[0]
+  one_r = _one_process_readout(two_dir)
+  assert two_r['knn_predictions'] == one_r['knn_predictions']  # 0 differ.
+  assert two_r['knn_accuracy'] == one_r['knn_accuracy']
+  assert two_r['linear_probe_c'] == one_r['linear_probe_c']
+  assert abs(two_r['linear_probe_accuracy'] -
+             one_r['linear_probe_accuracy']) <= PROBE_ATOL
+  for shot, accuracy in one_r['fewshot_probe_accuracy'].items():
+    assert abs(two_r['fewshot_probe_accuracy'][shot] - accuracy) <= PROBE_ATOL
+  # Bytes each process held: the whole split here; there, the rows of its
+  # 4 devices of each 8-device batch (batches of eval.batch_size, the
+  # last one padded), half of the padded split.
+  n = {'train': one_r['probe_train_examples'],
+       'test': one_r['probe_test_examples']}
+  batch = defaults.base_config().eval.batch_size
+  for split, rows in n.items():
+    (whole,) = one_r['feature_bytes_per_process'][split]
+    width = whole // (4 * rows)
+    assert whole == rows * width * 4
+    chunk = min(batch, rows)
+    devices_rows = -(-chunk // 8) * 8
+    half = -(-rows // chunk) * devices_rows // 2 * width * 4
+    assert two_r['feature_bytes_per_process'][split] == [half, half]
+    assert half < whole
+  assert (f"bytes per process: {two_r['feature_bytes_per_process']['train']}"
+          in log0)
+  assert 'spread over the processes' in log0
 
 
 def test_unreachable_coordinator_fails_fast_with_one_line(tmp_path):

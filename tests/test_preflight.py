@@ -79,6 +79,23 @@ def test_table_has_every_stage_and_the_step_counts(refused):
       plan['feature_width'] * 4)
 
 
+def test_host_features_over_the_budget_are_a_hosts_share():
+  c = defaults.base_config()
+  c.eval.batch_size = 1024
+  # ImageNet's training split at ResNet-50's width on 128 devices / 16
+  # hosts: 1,252 batches of 1,024 (the last one padded), 64 rows of each on
+  # a host, instead of all 1,281,167 rows on every host.
+  held, spread = preflight._host_feature_bytes(c, 1_281_167, 2048, 128, 16)
+  assert spread and held == 1252 * 64 * 2048 * 4
+  assert held < 1_281_167 * 2048 * 4 / 15
+  # Its validation split (400 MB) is under the 1 GiB default: whole.
+  assert preflight._host_feature_bytes(c, 50_000, 2048, 128, 16) == (
+      50_000 * 2048 * 4, False)
+  c.eval.feature_gather_max_bytes = 0
+  assert preflight._host_feature_bytes(c, 50_000, 2048, 128, 16) == (
+      49 * 64 * 2048 * 4, True)
+
+
 def test_train_step_memory_grows_with_the_per_device_batch(refused,
                                                            plain16):
   small = {p['program']: p for p in refused.plan['programs']}['step']

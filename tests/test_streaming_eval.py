@@ -12,6 +12,7 @@ import pytest
 
 from simclr_jax import evaluation
 from simclr_jax.config import defaults
+from simclr_jax.evaluation import features as features_lib
 from simclr_jax.data import pipeline
 from simclr_jax.evaluation import readout
 from simclr_jax.runtime import parallel
@@ -59,6 +60,62 @@ def test_sharded_knn_equals_one_device_and_numpy_with_ties(n_train, k):
   np.testing.assert_array_equal(eight, one)
   np.testing.assert_array_equal(
       eight, _numpy_knn(train_x, train_y, test_x, 4, k, 0.1))
+
+
+def _spread_as_two_processes(x, batch):
+  """x as two processes of 4 devices would hold it after featurising it in
+  batches of `batch` rows: in one process here, process 0's rows (the
+  first half of every batch) then process 1's, each padded to the same
+  count, so the mesh's devices hold the rows in that order."""
+  pieces, index = [], []
+  for p in range(2):
+    rows = np.concatenate([
+        np.arange(lo + p * batch // 2, lo + (p + 1) * batch // 2)
+        for lo in range(0, len(x), batch)])
+    real = rows[rows < len(x)]
+    pad = len(rows) - len(real)
+    pieces += [x[real], np.zeros((pad, x.shape[1]), np.float32)]
+    index += [real, np.full(pad, -1)]
+  return features_lib.ShardedFeatures(
+      np.concatenate(pieces), np.concatenate(index).astype(np.int32), len(x))
+
+
+@needs_8
+def test_knn_and_probes_read_features_spread_over_processes():
+  rng = np.random.default_rng(0)
+  # Repeated rows with different labels: exact similarity ties, decided by
+  # the row in the split wherever the devices hold it.
+  distinct = rng.normal(size=(12, 6)).astype(np.float32)
+  train_x = np.concatenate([distinct[rng.integers(0, 12, 60)],
+                            rng.normal(size=(43, 6)).astype(np.float32)])
+  train_y = rng.integers(0, 4, len(train_x))
+  test_x = np.concatenate([distinct, rng.normal(size=(29, 6))]
+                          ).astype(np.float32)
+  test_y = rng.integers(0, 4, len(test_x))
+  mesh = parallel.make_mesh(jax.devices()[:8])
+  train_s = _spread_as_two_processes(train_x, 24)
+  test_s = _spread_as_two_processes(test_x, 16)
+  np.testing.assert_array_equal(train_s.gathered(), train_x)
+  rows = [102, 0, 57, 13, 13]
+  np.testing.assert_array_equal(train_s.take(rows, mesh), train_x[rows])
+
+  spread = evaluation.knn_predict(train_s, train_y, test_s, 4, k=20,
+                                  temperature=0.1, batch_size=8, mesh=mesh)
+  np.testing.assert_array_equal(
+      spread, _numpy_knn(train_x, train_y, test_x, 4, 20, 0.1))
+
+  whole = evaluation.evaluate_features(train_x, train_y, test_x, test_y,
+                                       knn_k=20, shots=(1, 5), draws=2,
+                                       mesh=mesh)
+  got = evaluation.evaluate_features(train_s, train_y, test_s, test_y,
+                                     knn_k=20, shots=(1, 5), draws=2,
+                                     mesh=mesh)
+  assert got['linear_probe_c'] == whole['linear_probe_c']
+  assert abs(got['linear_probe_accuracy'] -
+             whole['linear_probe_accuracy']) <= 1e-3
+  # The few-shot draws fetch the same rows exactly: the same fits.
+  assert got['fewshot_probe_accuracy'] == whole['fewshot_probe_accuracy']
+  assert got['knn_accuracy'] == float(np.mean(spread == test_y))
 
 
 def _digits_config():
@@ -118,6 +175,34 @@ def test_streamed_features_equal_whole_array(digits_setup, monkeypatch):
   np.testing.assert_allclose(features, whole, rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(got_labels, labels)
   assert counter.largest <= 24
+
+
+@needs_8
+def test_features_over_the_budget_stay_with_their_process(digits_setup):
+  setup, variables = digits_setup
+  apply = readout.feature_fn(setup.model)
+  whole, labels = readout.featurize_split(
+      apply, variables, setup.config, 'test', batch_size=24,
+      mesh=setup.mesh, max_examples=100)
+  assert isinstance(whole, np.ndarray)
+  spread, spread_labels = readout.featurize_split(
+      apply, variables, setup.config, 'test', batch_size=24,
+      mesh=setup.mesh, max_examples=100, gather_max_bytes=0)
+  assert isinstance(spread, features_lib.ShardedFeatures)
+  np.testing.assert_array_equal(spread_labels, labels)
+  np.testing.assert_array_equal(spread.gathered(), whole)
+  # One process: every row, in order, then the last batch's 20 padding
+  # rows (100 = 4 x 24 + 4).
+  np.testing.assert_array_equal(spread.index[:100], np.arange(100))
+  assert (spread.index[100:] == -1).all() and len(spread.index) == 120
+  assert readout.bytes_per_process(spread) == [120 * whole.shape[1] * 4]
+  # Just under and at the whole split's bytes.
+  size = whole.nbytes
+  for budget, gathered in ((size - 1, False), (size, True)):
+    out, _ = readout.featurize_split(
+        apply, variables, setup.config, 'test', batch_size=24,
+        mesh=setup.mesh, max_examples=100, gather_max_bytes=budget)
+    assert isinstance(out, np.ndarray) == gathered
 
 
 def test_pixel_sample_is_seeded_subset_in_split_order():

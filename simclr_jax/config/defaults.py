@@ -186,6 +186,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Makes the loss and gradients NaN at this global step (1-based, as logged)
   # inside the jitted step, to exercise on_nan; -1 = off.
   c.debug.inject_nan_at_step = -1
+  # Also writes every test example's end-of-run kNN prediction to
+  # results.json (knn_predictions), to compare two runs example by example.
+  c.debug.record_knn_predictions = False
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 512
@@ -197,6 +200,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.monitor_max_examples = 0  # Cap per split for the monitor; 0 = all.
   c.eval.fewshot_shots = (1, 5, 10)
   c.eval.fewshot_draws = 10
+  # Bytes of a split's (n x d float32) features up to which they are
+  # gathered whole on every host for the read-outs; larger splits stay
+  # spread over the hosts, each holding its own rows (ImageNet's training
+  # features: 10 GB in all, 1/16 of it per host on 16 hosts). 1 GiB keeps
+  # CIFAR's and ImageNet's validation features whole
+  # (evaluation/features.py GATHER_MAX_BYTES).
+  c.eval.feature_gather_max_bytes = 2 ** 30
   # Probe and kNN on another dataset than the pretraining one (e.g. labelled
   # images after pretraining on unlabelled ones): fields set here replace
   # config.dataset's; name '' = the pretraining dataset.

@@ -98,6 +98,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
                   config.dataset.shuffle_buffer_multiplier)
   checks.integer('eval.knn_k', config.eval.knn_k, 1)
   checks.integer('eval.pixel_max_examples', config.eval.pixel_max_examples, 0)
+  checks.integer('eval.feature_gather_max_bytes',
+                 config.eval.feature_gather_max_bytes, 0)
   checks.positive('eval.knn_temperature', config.eval.knn_temperature)
   checks.integer('eval.batch_size', config.eval.batch_size, 1)
   checks.integer('eval.fewshot_draws', config.eval.fewshot_draws, 1)

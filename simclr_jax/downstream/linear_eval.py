@@ -65,7 +65,8 @@ def _fast_probe(config, model, variables) -> dict:
   t0 = time.time()
   train, test = (readout.featurize_split(
       apply, variables, config, split, batch_size=config.eval.batch_size,
-      mesh=mesh, max_examples=limit)
+      mesh=mesh, max_examples=limit,
+      gather_max_bytes=config.eval.feature_gather_max_bytes)
                  for split in (config.dataset.train_split,
                                config.dataset.eval_split))
   out = readout.evaluate_frozen(train, test, eval_config=config.eval,

@@ -17,6 +17,10 @@ device ranks its own rows and the per-device top k are merged. Device memory
 is then bounded by its share of the features plus batch_size x n_train /
 devices similarities, a single compilation serves every chunk, and the
 predictions are those of one device holding everything, ties included.
+The features may come whole (a NumPy array on every host) or spread over
+the hosts (features.ShardedFeatures, each host holding its own rows): the
+devices' rows then come in another order, and every row carries its index
+in the split so that ties still go to the lower row.
 """
 
 import functools
@@ -45,54 +49,66 @@ def l2_normalize(x: jax.Array) -> jax.Array:
 _normalize = jax.jit(lambda x: l2_normalize(x.astype(jnp.float32)))
 
 
-def _local_top_k(train_features: jax.Array, train_labels: jax.Array,
-                 test: jax.Array, *, k: int, n_train: int
-                 ) -> tuple[jax.Array, jax.Array]:
-  """One shard's k most similar training points: (similarities, labels).
+# Sort key of a padding row: after every real row.
+_PAD_KEY = np.iinfo(np.int32).max
 
-  Runs inside shard_map on this device's rows of the training features.
-  Rows past n_train are the padding that makes the shards equal; they get
-  similarity -inf, so they are never chosen while a real row is left.
+
+def _local_top_k(train_features: jax.Array, train_labels: jax.Array,
+                 train_index: jax.Array, test: jax.Array, *, k: int
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One shard's k most similar training points: (similarities, labels,
+  split rows).
+
+  Runs inside shard_map on this device's rows of the training features,
+  which are in increasing split order (padding rows, index -1, after them).
+  Padding rows get similarity -inf, so they are never chosen while a real
+  row is left, and sort key _PAD_KEY.
   """
   # HIGHEST: the default float32 matmul on TPU (bf16 passes) and GPU (TF32)
   # keeps ~3 significant digits, enough to reorder close neighbours; the
   # similarities decide the output here, so they get full float32.
   sims = jnp.matmul(test, train_features.T,
                     precision=jax.lax.Precision.HIGHEST)
-  n_local = train_features.shape[0]
-  rows = jax.lax.axis_index(DATA_AXIS) * n_local + jnp.arange(n_local)
-  sims = jnp.where(rows[None, :] < n_train, sims, -jnp.inf)
-  top_sims, top_idx = jax.lax.top_k(sims, min(k, n_local))
-  return top_sims, train_labels[top_idx]
+  real = train_index >= 0
+  # -0.0 becomes 0.0: the merge sorts floats in IEEE total order, where
+  # -0.0 < 0.0, and equal similarities must tie there as they do here.
+  sims = jnp.where(sims == 0, 0.0, sims)
+  sims = jnp.where(real[None, :], sims, -jnp.inf)
+  top_sims, top_idx = jax.lax.top_k(sims, min(k, train_features.shape[0]))
+  key = jnp.where(real, train_index, _PAD_KEY)
+  return top_sims, train_labels[top_idx], key[top_idx]
 
 
-@functools.partial(jax.jit,
-                   static_argnames=('k', 'num_classes', 'n_train', 'mesh'))
+@functools.partial(jax.jit, static_argnames=('k', 'num_classes', 'mesh'))
 def _knn_chunk_predict(train_features: jax.Array, train_labels: jax.Array,
-                       test_features: jax.Array, temperature: jax.Array, *,
-                       k: int, num_classes: int, n_train: int,
+                       train_index: jax.Array, test_features: jax.Array,
+                       temperature: jax.Array, *, k: int, num_classes: int,
                        mesh: Mesh) -> jax.Array:
   """Predicted classes of a replicated chunk of test points, shape (chunk,).
 
-  train_features (L2-normalised once, outside the loop over chunks) and
-  train_labels are sharded over the mesh's 'data' axis, so no device holds
-  more than its share of the training set. Each device takes the top k of
-  its own rows; the shards' candidates are gathered (devices x k per test
-  point, small) and the global top k taken from them.
+  train_features (L2-normalised once, outside the loop over chunks),
+  train_labels and train_index (each row's split row, -1 for padding) are
+  sharded over the mesh's 'data' axis, so no device holds more than its
+  share of the training set. Each device takes the top k of its own rows;
+  the shards' candidates are gathered (devices x k per test point, small)
+  and the global top k taken from them.
 
   That is exactly the single-device top k, ties included: lax.top_k puts
-  the lower index first among equal values, each shard's list is in that
-  order, and the gathered lists are concatenated in shard order, which is
-  the order of the global row index. Only (chunk,) ints cross to the host.
+  the lower position first among equal values and a device's rows are in
+  split order, so each shard's list holds its lowest rows among ties; the
+  merge sorts the candidates by similarity, then split row. Only (chunk,)
+  ints cross to the host.
   """
 
-  def per_device(train_f, train_y, test_f, temp):
+  def per_device(train_f, train_y, train_i, test_f, temp):
     test = l2_normalize(test_f.astype(jnp.float32))
-    local_sims, local_labels = _local_top_k(train_f, train_y, test, k=k,
-                                            n_train=n_train)
+    local = _local_top_k(train_f, train_y, train_i, test, k=k)
     gather = lambda x: jax.lax.all_gather(x, DATA_AXIS, axis=1, tiled=True)
-    top_sims, pos = jax.lax.top_k(gather(local_sims), k)
-    neighbour_labels = jnp.take_along_axis(gather(local_labels), pos, axis=1)
+    sims, labels, key = (gather(x) for x in local)
+    # Descending similarity, ascending split row among equal ones.
+    neg_sims, _, neighbour_labels = jax.lax.sort(
+        (-sims, key, labels), dimension=1, num_keys=2)
+    top_sims, neighbour_labels = -neg_sims[:, :k], neighbour_labels[:, :k]
     # exp((s - s_max) / T) is exp(s / T) up to a per-row positive factor, so
     # the argmax is unchanged, but it cannot overflow float32 for small T
     # (exp(1 / 0.01) already would).
@@ -106,14 +122,41 @@ def _knn_chunk_predict(train_features: jax.Array, train_labels: jax.Array,
 
   return jax.shard_map(
       per_device, mesh=mesh,
-      in_specs=(P(DATA_AXIS), P(DATA_AXIS), P(), P()), out_specs=P(),
-      check_vma=False)(train_features, train_labels, test_features,
-                       temperature)
+      in_specs=(P(DATA_AXIS), P(DATA_AXIS), P(DATA_AXIS), P(), P()),
+      out_specs=P(), check_vma=False)(train_features, train_labels,
+                                      train_index, test_features, temperature)
 
 
-def knn_predict(train_features: np.ndarray | jax.Array,
+Features = np.ndarray | jax.Array | features_lib.ShardedFeatures
+
+
+def _train_on_mesh(train_features: Features, labels: np.ndarray, mesh: Mesh
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(features, labels, split rows) sharded over the mesh's 'data' axis.
+
+  Whole features are padded to equal shards (index -1); host-sharded ones
+  are assembled from every process's own rows.
+  """
+  if isinstance(train_features, features_lib.ShardedFeatures):
+    index = train_features.index
+    local_labels = np.where(index >= 0, labels[np.maximum(index, 0)], 0)
+    return (train_features.on_mesh(mesh),
+            train_features.on_mesh(mesh, local_labels.astype(np.int32)),
+            train_features.on_mesh(mesh, index, -1))
+  n_train = train_features.shape[0]
+  shards = mesh.shape[DATA_AXIS]
+  rows = -(-n_train // shards) * shards  # Equal shards; padding is masked.
+  x, _ = features_lib.pad_rows(
+      np.asarray(train_features, np.float32), rows)
+  y, _ = features_lib.pad_rows(labels, rows)
+  index = np.where(np.arange(rows) < n_train, np.arange(rows), -1)
+  return tuple(features_lib.on_mesh(v, mesh, P(DATA_AXIS))
+               for v in (x, y, index.astype(np.int32)))
+
+
+def knn_predict(train_features: Features,
                 train_labels: np.ndarray | jax.Array,
-                test_features: np.ndarray | jax.Array,
+                test_features: Features,
                 num_classes: int,
                 k: int = 200,
                 temperature: float = 0.1,
@@ -122,9 +165,12 @@ def knn_predict(train_features: np.ndarray | jax.Array,
   """Predicted class of every test point by InstDisc-weighted kNN.
 
   Args:
-    train_features: (n_train, d) features of the labelled reference set.
-    train_labels: (n_train,) integer labels in [0, num_classes).
-    test_features: (n_test, d) features to classify.
+    train_features: (n_train, d) features of the labelled reference set,
+      whole or features.ShardedFeatures (each process holding its rows).
+    train_labels: (n_train,) integer labels in [0, num_classes), in split
+      order, the same on every process.
+    test_features: (n_test, d) features to classify, whole or
+      ShardedFeatures (read a chunk at a time).
     num_classes: number of classes (the width of the vote table).
     k: neighbours per test point; clipped to n_train, so k larger than the
       training set means "every training point votes".
@@ -142,9 +188,12 @@ def knn_predict(train_features: np.ndarray | jax.Array,
     wins a top-k place; ties in the vote go to the lowest class index
     (argmax semantics).
   """
-  train_features = np.asarray(train_features)
+  sharded = lambda x: isinstance(x, features_lib.ShardedFeatures)
+  if not sharded(train_features):
+    train_features = np.asarray(train_features)
+  if not sharded(test_features):
+    test_features = np.asarray(test_features)
   labels_np = np.asarray(train_labels).astype(np.int32)
-  test_features = np.asarray(test_features)
   n_train, n_test = train_features.shape[0], test_features.shape[0]
   if train_features.ndim != 2 or test_features.ndim != 2:
     raise ValueError('features must be 2-D (examples, dims), got '
@@ -169,34 +218,32 @@ def knn_predict(train_features: np.ndarray | jax.Array,
     raise ValueError(f'mesh needs a {DATA_AXIS!r} axis, got '
                      f'{mesh.axis_names}')
   k = min(k, n_train)
-  shards = mesh.shape[DATA_AXIS]
-  rows = -(-n_train // shards) * shards  # Equal shards; padding is masked.
-  train_features, _ = features_lib.pad_rows(
-      train_features.astype(np.float32), rows)
-  labels_np, _ = features_lib.pad_rows(labels_np, rows)
-  train_norm = _normalize(
-      features_lib.on_mesh(train_features, mesh, P(DATA_AXIS)))
-  train_y = features_lib.on_mesh(labels_np, mesh, P(DATA_AXIS))
+  train_x, train_y, train_i = _train_on_mesh(train_features, labels_np, mesh)
+  train_norm = _normalize(train_x)
   temp = jnp.float32(temperature)
 
   chunk = min(batch_size, n_test)
   predictions = []
   for start in range(0, n_test, chunk):
+    stop = min(start + chunk, n_test)
+    if sharded(test_features):
+      rows = test_features.take(np.arange(start, stop), mesh)
+    else:
+      rows = test_features[start:stop]
     # Pad the last chunk to the common shape: one compilation for all.
-    block, valid = features_lib.pad_rows(test_features[start:start + chunk],
-                                         chunk)
+    block, valid = features_lib.pad_rows(rows, chunk)
     chunk_predictions = _knn_chunk_predict(
-        train_norm, train_y, features_lib.on_mesh(block, mesh, P()), temp,
-        k=k, num_classes=num_classes, n_train=n_train, mesh=mesh)
+        train_norm, train_y, train_i, features_lib.on_mesh(block, mesh, P()),
+        temp, k=k, num_classes=num_classes, mesh=mesh)
     # Replicated: every process has the whole answer locally.
     predictions.append(
         np.asarray(chunk_predictions.addressable_data(0))[:valid])
   return np.concatenate(predictions).astype(np.int32)
 
 
-def knn_accuracy(train_features: np.ndarray | jax.Array,
+def knn_accuracy(train_features: Features,
                  train_labels: np.ndarray | jax.Array,
-                 test_features: np.ndarray | jax.Array,
+                 test_features: Features,
                  test_labels: np.ndarray | jax.Array,
                  num_classes: int,
                  k: int = 200,

@@ -72,11 +72,13 @@ class KnnMonitor:
 
   def _features(self, variables: Any, split: str) -> readout.Labelled:
     """Features of a (capped) split, streamed: no images are kept between
-    measurements, only this measurement's features."""
+    measurements, only this measurement's features, spread over the hosts
+    when they exceed eval.feature_gather_max_bytes."""
     return readout.featurize_split(
         self._apply, variables, self._config, split,
         batch_size=self._config.eval.batch_size, mesh=self._setup.mesh,
-        max_examples=self._limit)
+        max_examples=self._limit,
+        gather_max_bytes=self._config.eval.feature_gather_max_bytes)
 
   def measure(self, step: int, variables: Any) -> float:
     """kNN top-1 on the test split; logs it and appends it to the history."""

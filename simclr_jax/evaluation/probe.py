@@ -15,7 +15,12 @@ over the mesh's 'data' axis: ImageNet's 1.28M x 2048 features are 10 GB as
 float32, too much to fit in float64 on one host in reasonable time and too
 much for one device. The objective is a weighted mean over rows, so under jit
 XLA reduces it across the devices itself; padding rows (which make the shards
-equal) and rows held out for validation get weight 0.
+equal) and rows held out for validation get weight 0. Because nothing in it
+depends on the order of the rows, the features may also come spread over the
+hosts (features.ShardedFeatures): the global array is then built from each
+host's own rows, and a row's weight is looked up by its index in the split.
+The result differs from the whole-array fit only by the order of the
+floating-point sums.
 
 The objective is scikit-learn's LogisticRegression(C) exactly: mean
 cross-entropy + ||W||^2 / (2 C n), intercept unpenalised, on features
@@ -186,9 +191,17 @@ def _scores(mean: jax.Array, scale: jax.Array, weights: jax.Array,
   return correct, nll
 
 
-def _check_xy(x: np.ndarray, y: np.ndarray, name: str
-              ) -> tuple[np.ndarray, np.ndarray]:
-  x = np.asarray(x, np.float32)
+Features = np.ndarray | features_lib.ShardedFeatures
+
+
+def _sharded(x: Features) -> bool:
+  return isinstance(x, features_lib.ShardedFeatures)
+
+
+def _check_xy(x: Features, y: np.ndarray, name: str
+              ) -> tuple[Features, np.ndarray]:
+  if not _sharded(x):
+    x = np.asarray(x, np.float32)
   y = np.asarray(y)
   if x.ndim != 2 or y.ndim != 1 or x.shape[0] != y.shape[0]:
     raise ValueError(f'{name}: need features (n, d) and labels (n,), got '
@@ -208,27 +221,48 @@ class _Rows:
   """(features, labels) padded to equal shards and placed on the mesh.
 
   Put there once and reused by every fit or prediction on them, so the
-  features cross from the host once. Rows past `n` are padding.
+  features cross from the host once. Whole features are padded at the end;
+  ShardedFeatures are assembled from every process's own rows, in their
+  order. `index` is the split row of each of this process's rows (-1 for
+  padding), which is how weights find their rows either way.
   """
 
-  def __init__(self, x: np.ndarray, y: np.ndarray, mesh: Mesh,
+  def __init__(self, x: Features, y: np.ndarray, mesh: Mesh,
                rows: int | None = None):
-    shards = mesh.shape[DATA_AXIS]
     self.n = x.shape[0]
-    self.rows = -(-max(self.n, rows or 0) // shards) * shards
     self.mesh = mesh
-    self.x = self._put(x)
-    self.y = self._put(y.astype(np.int32))
+    y = np.asarray(y, np.int32)
+    if _sharded(x):
+      self._sharded = x
+      self.index = x.index
+      self.x = x.on_mesh(mesh)
+      self.y = self._put(np.where(self.index >= 0,
+                                  y[np.maximum(self.index, 0)], 0))
+    else:
+      shards = mesh.shape[DATA_AXIS]
+      self._sharded = None
+      self.rows = -(-max(self.n, rows or 0) // shards) * shards
+      self.index = np.where(np.arange(self.rows) < self.n,
+                            np.arange(self.rows), -1)
+      self.x = self._put(x)
+      self.y = self._put(y)
 
   def _put(self, values: np.ndarray) -> jax.Array:
+    """Per-row values (one per row of `index`) on the mesh like x."""
+    if self._sharded is not None:
+      return self._sharded.on_mesh(self.mesh, values)
     padded, _ = features_lib.pad_rows(values, self.rows)
     return features_lib.on_mesh(padded, self.mesh, P(DATA_AXIS))
 
   def weights(self, rows: np.ndarray | None = None) -> jax.Array:
     """Weight 1 on the given real rows (all real rows by default), else 0."""
-    w = np.zeros(self.rows, np.float32)
-    w[np.arange(self.n) if rows is None else rows] = 1.0
-    return self._put(w)
+    if rows is None:
+      w = self.index >= 0
+    else:
+      w = np.zeros(self.n, bool)
+      w[rows] = True
+      w = (self.index >= 0) & w[np.maximum(self.index, 0)]
+    return self._put(w.astype(np.float32))
 
 
 def _replicated_float(x: jax.Array) -> float:
@@ -307,15 +341,16 @@ def _choose_c(data: _Rows, y: np.ndarray, num_classes: int,
   return best, solutions[best]
 
 
-def fit_probe(train_x: np.ndarray, train_y: np.ndarray, *,
+def fit_probe(train_x: Features, train_y: np.ndarray, *,
               c_grid: Sequence[float] = C_GRID, seed: int = 0,
               mesh: Mesh | None = None, rows: int | None = None,
               c_range: tuple[float, float] = C_RANGE) -> ProbeFit:
   """Fits the probe on training data only, choosing C on held-out rows.
 
   Args:
-    train_x: (n, d) frozen features.
-    train_y: (n,) integer labels, at least two classes.
+    train_x: (n, d) frozen features, whole or ShardedFeatures.
+    train_y: (n,) integer labels, at least two classes, the same on every
+      process.
     c_grid: inverse L2 strengths to start the choice from (grown at an end
       while the best is there, within c_range); with one value it is used
       directly and nothing is held out.
@@ -344,7 +379,7 @@ def fit_probe(train_x: np.ndarray, train_y: np.ndarray, *,
   return ProbeFit(mean, scale, weights, bias, classes, c)
 
 
-def _test_rows(test_x: np.ndarray, test_y: np.ndarray, classes: np.ndarray,
+def _test_rows(test_x: Features, test_y: np.ndarray, classes: np.ndarray,
                mesh: Mesh) -> _Rows:
   """Test rows on the mesh, labels as column indices of the fit.
 
@@ -364,8 +399,8 @@ def _accuracy(fitted: ProbeFit, test: _Rows) -> float:
   return _replicated_float(correct) / test.n
 
 
-def linear_probe(train_x: np.ndarray, train_y: np.ndarray,
-                 test_x: np.ndarray, test_y: np.ndarray, *, seed: int = 0,
+def linear_probe(train_x: Features, train_y: np.ndarray,
+                 test_x: Features, test_y: np.ndarray, *, seed: int = 0,
                  c_grid: Sequence[float] = C_GRID,
                  mesh: Mesh | None = None) -> tuple[float, float]:
   """(test accuracy, chosen C) of the probe fitted on the train split; the
@@ -377,16 +412,16 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray,
           fitted.c)
 
 
-def linear_probe_accuracy(train_x: np.ndarray, train_y: np.ndarray,
-                          test_x: np.ndarray, test_y: np.ndarray, *,
+def linear_probe_accuracy(train_x: Features, train_y: np.ndarray,
+                          test_x: Features, test_y: np.ndarray, *,
                           seed: int = 0, c_grid: Sequence[float] = C_GRID,
                           mesh: Mesh | None = None) -> float:
   """Test accuracy of a logistic-regression probe fitted on the train split.
 
   Args:
-    train_x: (n_train, d) frozen features.
+    train_x: (n_train, d) frozen features, whole or ShardedFeatures.
     train_y: (n_train,) integer labels.
-    test_x: (n_test, d) frozen features.
+    test_x: (n_test, d) frozen features, whole or ShardedFeatures.
     test_y: (n_test,) integer labels.
     seed: seed of the held-out rows that choose C (see fit_probe).
     c_grid: inverse L2 strengths to choose from (see C_GRID).
@@ -400,8 +435,8 @@ def linear_probe_accuracy(train_x: np.ndarray, train_y: np.ndarray,
                       c_grid=c_grid, mesh=mesh)[0]
 
 
-def fewshot_probe_accuracy(train_x: np.ndarray, train_y: np.ndarray,
-                           test_x: np.ndarray, test_y: np.ndarray,
+def fewshot_probe_accuracy(train_x: Features, train_y: np.ndarray,
+                           test_x: Features, test_y: np.ndarray,
                            shots: Sequence[int] = (1, 5, 10),
                            draws: int = 10, seed: int = 0, *,
                            c: float = DEFAULT_C,
@@ -418,9 +453,11 @@ def fewshot_probe_accuracy(train_x: np.ndarray, train_y: np.ndarray,
   protocol grants.
 
   Args:
-    train_x: (n_train, d) features to draw the labelled examples from.
+    train_x: (n_train, d) features to draw the labelled examples from,
+      whole or ShardedFeatures (the drawn rows, a few per class, are then
+      fetched to every host).
     train_y: (n_train,) integer labels.
-    test_x: (n_test, d) features.
+    test_x: (n_test, d) features, whole or ShardedFeatures.
     test_y: (n_test,) integer labels.
     shots: labelled examples per class, one result per value.
     draws: seeded draws averaged per shot count.
@@ -446,7 +483,9 @@ def fewshot_probe_accuracy(train_x: np.ndarray, train_y: np.ndarray,
     accuracies = []
     for d in range(draws):
       idx = fewshot_indices(train_y, shot, seed + d)
-      fitted = fit_probe(train_x[idx], train_y[idx], c_grid=(c,), mesh=mesh,
+      drawn = (train_x.take(idx, mesh) if _sharded(train_x) else
+               train_x[idx])
+      fitted = fit_probe(drawn, train_y[idx], c_grid=(c,), mesh=mesh,
                          rows=rows)
       accuracies.append(_accuracy(fitted, test))
     results[str(shot)] = float(np.mean(accuracies))

@@ -8,21 +8,23 @@ the same images always go through the same extraction.
 Splits are read as a stream of bounded chunks (data.pipeline.eval_batches)
 and only their features are kept: host memory grows with the features of a
 split, never with its images (ImageNet's 1.28M training images would be
-~600 GB as float32), and the kNN shards the training features over the
-devices.
+~600 GB as float32). Features larger than eval.feature_gather_max_bytes stay
+spread over the hosts, each holding its own rows, and the kNN and the probes
+read them from there (features.ShardedFeatures).
 """
 
 from typing import Any, Callable
 
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
 from simclr_jax.evaluation import features as features_lib
 from simclr_jax.evaluation import knn as knn_lib
 
-Labelled = tuple[np.ndarray, np.ndarray]  # (features or images, labels)
-
+# (features or images, labels); features may be ShardedFeatures.
+Labelled = tuple[np.ndarray | features_lib.ShardedFeatures, np.ndarray]
 
 
 def feature_fn(model: Any, output: str = 'features') -> Callable:
@@ -37,12 +39,15 @@ def feature_fn(model: Any, output: str = 'features') -> Callable:
 def featurize_split(apply: Callable, variables: Any,
                     config: ml_collections.ConfigDict, split: str, *,
                     batch_size: int, mesh: Any,
-                    max_examples: int | None = None) -> Labelled:
+                    max_examples: int | None = None,
+                    gather_max_bytes: int | None = None) -> Labelled:
   """(features, labels) of a split, read batch_size images at a time.
 
   The images come from data.pipeline.eval_batches in split order, so row i
   of the features is example i of the split (what methods featurising the
-  train split index by).
+  train split index by). Features over `gather_max_bytes` come back as
+  ShardedFeatures (None: always a whole array, for callers that index
+  it on the host).
   """
   from simclr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   size = int(config.dataset.image_size)
@@ -50,20 +55,34 @@ def featurize_split(apply: Callable, variables: Any,
                                  max_examples=max_examples)
   features, labels = features_lib.extract_features_stream(
       apply, chunks, batch_size, mesh, variables=variables,
-      example_shape=(size, size, 3))
+      example_shape=(size, size, 3), gather_max_bytes=gather_max_bytes)
   return features, labels
+
+
+def bytes_per_process(features: np.ndarray | features_lib.ShardedFeatures
+                      ) -> list[int]:
+  """Bytes of `features` each process holds, in process order.
+
+  A collective when there are several processes: every process calls it.
+  """
+  local = int(features.nbytes)
+  if jax.process_count() == 1:
+    return [local]
+  everyone = multihost_utils.process_allgather(np.int64(local))
+  return [int(b) for b in np.asarray(everyone).reshape(-1)]
 
 
 def evaluate_frozen(train: Labelled, test: Labelled, *,
                     eval_config: ml_collections.ConfigDict, seed: int,
-                    mesh: Any = None) -> dict:
-  """All-label probe, few-shot probes and kNN of frozen (features, labels)."""
+                    mesh: Any = None, knn_predictions: bool = False) -> dict:
+  """All-label probe, few-shot probes and kNN of frozen (features, labels);
+  with knn_predictions, also every test example's kNN prediction."""
   from simclr_jax import evaluation  # pylint: disable=g-import-not-at-top
   return evaluation.evaluate_features(
       train[0], train[1], test[0], test[1], knn_k=eval_config.knn_k,
       knn_temperature=eval_config.knn_temperature,
       shots=tuple(eval_config.fewshot_shots), draws=eval_config.fewshot_draws,
-      seed=seed, mesh=mesh)
+      seed=seed, mesh=mesh, knn_predictions=knn_predictions)
 
 
 def sample_pixels(config: ml_collections.ConfigDict, split: str, *,

@@ -284,6 +284,26 @@ def _eval_program(setup: pretrain.Setup, per_device: int) -> tuple[dict, int]:
   return _memory(apply.lower(variables, x).compile()), width
 
 
+def _host_feature_bytes(config: ml_collections.ConfigDict, rows: int,
+                        width: int, devices: int, hosts: int
+                        ) -> tuple[int, bool]:
+  """(bytes of a split's features on one host, whether they are spread).
+
+  What evaluation/features.py holds: the whole (rows x width) float32 split
+  on every host up to eval.feature_gather_max_bytes, else each host's rows
+  of every evaluation batch. A batch is eval.batch_size images (at most the
+  split) rounded up to a multiple of the devices, so a host's share is the
+  batches times its devices' rows, padding included.
+  """
+  whole = rows * width * 4
+  if whole <= int(config.eval.feature_gather_max_bytes):
+    return whole, False
+  chunk = min(int(config.eval.batch_size), rows)
+  batch = -(-chunk // devices) * devices
+  batches = -(-rows // chunk)
+  return batches * (batch // hosts) * width * 4, True
+
+
 def _stage(name: str, scope: str, nbytes: int, limit: int | None,
            field: str, note: str) -> dict:
   return {'stage': name, 'scope': scope, 'bytes': int(nbytes),
@@ -407,12 +427,19 @@ def preflight(config: ml_collections.ConfigDict, *, devices: int,
       f'({config.dataset.prefetch} prefetched + {_TF_DATA_BATCHES} tf.data) '
       f'+ shuffle buffer of {shuffle} encoded images (~{_fmt(encoded)} each)'))
 
-  feature_rows = data.num_train + data.num_eval
+  feature_bytes, feature_notes = 0, []
+  for name, rows in (('train', data.num_train), ('eval', data.num_eval)):
+    held, spread = _host_feature_bytes(config, rows, width, devices, hosts)
+    feature_bytes += held
+    feature_notes.append(
+        f'{name} {rows} x {width} float32 ' +
+        (f'spread over the hosts: {_fmt(held)} a host' if spread else
+         f'whole on every host: {_fmt(held)}'))
   stages.append(_stage(
-      'host evaluation features', 'host', feature_rows * width * 4,
-      host_limit, 'eval.dataset',
-      f'({data.num_train} train + {data.num_eval} eval) x {width} float32 '
-      'features, gathered on every host'))
+      'host evaluation features', 'host', feature_bytes, host_limit,
+      'eval.feature_gather_max_bytes',
+      '; '.join(feature_notes) + ' (eval.feature_gather_max_bytes '
+      f'{_fmt(int(config.eval.feature_gather_max_bytes))})'))
   stages.append(_stage(
       'checkpoint', 'storage', state_bytes, None, '',
       f'params {_fmt(parts["params"])} + optimiser {_fmt(parts["opt_state"])}'

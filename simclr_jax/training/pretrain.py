@@ -27,6 +27,7 @@ from simclr_jax.config import defaults
 from simclr_jax.config import durations
 from simclr_jax.config import resolve as config_resolve
 from simclr_jax.config.validation import ConfigError
+from simclr_jax.evaluation import features as features_lib
 from simclr_jax.evaluation import knn_monitor
 from simclr_jax.evaluation import readout
 from simclr_jax.models import encoders
@@ -348,7 +349,9 @@ def evaluate_encoder(setup: Setup, state: state_lib.TrainState) -> dict:
   shuffled batches of training images; the pixel baseline is the flattened
   images of both splits (eval.pixel_max_examples caps it where they would
   not fit). Host memory holds the splits' features and at most one batch of
-  images.
+  images; a split whose features exceed eval.feature_gather_max_bytes stays
+  spread over the hosts, each holding its own rows. results.json records
+  the bytes of features each process held (feature_bytes_per_process).
   """
   c = setup.config
   ec, labelled = probe_dataset(setup)
@@ -361,20 +364,34 @@ def evaluate_encoder(setup: Setup, state: state_lib.TrainState) -> dict:
   apply = readout.feature_fn(setup.model)
   t0 = time.time()
 
-  def probe(variables: dict) -> dict:
+  held = {}  # Split name -> bytes of its features on each process.
+
+  def probe(variables: dict, record: bool = False) -> dict:
     # Streamed: only the features of each split are held, never its images.
+    splits = {'train': ec.dataset.train_split, 'test': ec.dataset.eval_split}
     train, test = (readout.featurize_split(
         apply, variables, ec, split, batch_size=c.eval.batch_size,
-        mesh=setup.mesh) for split in (ec.dataset.train_split,
-                                       ec.dataset.eval_split))
-    return {**readout.evaluate_frozen(train, test, eval_config=c.eval,
-                                      seed=c.seed, mesh=setup.mesh),
+        mesh=setup.mesh, gather_max_bytes=c.eval.feature_gather_max_bytes)
+                   for split in splits.values())
+    if record:
+      for name, (features, _) in zip(splits, (train, test)):
+        held[name] = readout.bytes_per_process(features)
+        spread = isinstance(features, features_lib.ShardedFeatures)
+        logging.info('Features of %r: %d x %d (%d bytes), held %s; bytes '
+                     'per process: %s', splits[name], *features.shape,
+                     4 * features.shape[0] * features.shape[1],
+                     'spread over the processes' if spread else
+                     'whole on every process', held[name])
+    return {**readout.evaluate_frozen(
+        train, test, eval_config=c.eval, seed=c.seed, mesh=setup.mesh,
+        knn_predictions=record and c.debug.record_knn_predictions),
             'probe_train_examples': len(train[1]),
             'probe_test_examples': len(test[1])}
 
   n = 1 + bool(c.eval.probe_random_init) + bool(c.eval.probe_pixels)
   with _logged_readout(1, n, 'the pretrained encoder'):
-    results = probe(state_lib.variables_of(state))
+    results = probe(state_lib.variables_of(state), record=True)
+  results['feature_bytes_per_process'] = held
   if c.eval.probe_random_init:
     with _logged_readout(2, n, 'the same network at random init'):
       init = jax.device_get(initial_state(setup))
