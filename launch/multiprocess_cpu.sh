@@ -40,7 +40,9 @@ for ((i = 0; i < num_processes; i++)); do
        --num_processes="$num_processes" --process_id="$i" "$@")
   log="$workdir/logs/process_$i.log"
   if ((i == 0)); then
-    ("${cmd[@]}" 2>&1 | tee "$log") &
+    # tee in a process substitution, so that $! is the training process
+    # itself (which the trap must signal), not a subshell running a pipeline.
+    "${cmd[@]}" > >(tee "$log") 2>&1 &
   else
     "${cmd[@]}" > "$log" 2>&1 &
   fi
@@ -49,6 +51,11 @@ done
 
 status=0
 for pid in "${pids[@]}"; do
+  # wait returns early (128 + the signal) when a trapped signal arrives:
+  # wait again until the process has ended (bash keeps its exit status).
+  while kill -0 "$pid" 2>/dev/null; do
+    wait "$pid" || true
+  done
   rc=0
   wait "$pid" || rc=$?
   if ((status == 0 && rc != 0)); then
