@@ -15,8 +15,9 @@
 # PYTHON (python). Process 0's log goes to the terminal and to
 # WORKDIR/logs/process_0.log, the others' to WORKDIR/logs/process_<i>.log.
 # Exit status: the first non-zero one among the processes, else 0. A process
-# that dies makes the others exit 1 within --peer_timeout (default 60 s), so
-# the script never waits on a hung job.
+# that dies makes the others exit 1 within --peer_timeout (default 60 s), or
+# 134 at once when it was process 0 (JAX's abort), so the script never waits
+# on a hung job.
 # Re-running the same command resumes from the last checkpoint.
 set -euo pipefail
 usage='usage: launch/multiprocess_cpu.sh CONFIG WORKDIR [flags...]'

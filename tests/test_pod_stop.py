@@ -6,9 +6,11 @@ both after the same step with one checkpoint (the save is collective, so a
 lone stopper would hang the job), and the re-run must end where an
 uninterrupted run ends. A SIGKILLed process 1 must end process 0 within
 --peer_timeout with one line and nothing else; a SIGKILLed process 0 (the
-coordinator) must end process 1 non-zero in time. Each re-run resumes from
-the last complete checkpoint, and the last ends where the uninterrupted
-run, shared by both tests, ends.
+coordinator) must end process 1 non-zero in time, with one line as well
+instead of JAX's native abort. Each re-run resumes from the last complete
+checkpoint, and the last ends where the uninterrupted run, shared by both
+tests, ends. No process started for a job (the stderr filters included)
+outlives it.
 """
 
 import os
@@ -91,6 +93,26 @@ def _wait_for(log: str, pattern: str, procs, timeout_s: float = 400) -> None:
     time.sleep(0.2)
 
 
+def _stderr_filters(procs) -> list[str]:
+  """The command lines of the job's stderr filter processes still running
+  (simclr_jax/runtime/stderr_filter.py; the job's address names them)."""
+  address = next(a for a in procs[0].args if a.startswith(
+      '--coordinator_address=')).split('=', 1)[1]
+  ps = subprocess.run(['ps', '-eo', 'stat=,args='], capture_output=True,
+                      text=True, check=True).stdout.splitlines()
+  return [line for line in ps if 'stderr_filter.py' in line
+          and f' {address}' in line and not line.lstrip().startswith('Z')]
+
+
+def _wait_for_stderr_filters(procs, timeout_s: float = 10) -> None:
+  """Waits until the job's filters have forwarded their last lines and
+  ended, as they must once their process has ended."""
+  deadline = time.time() + timeout_s
+  while _stderr_filters(procs) and time.time() < deadline:
+    time.sleep(0.1)
+  assert not _stderr_filters(procs), _stderr_filters(procs)
+
+
 def _finish(procs, logs, timeout_s: float = 400) -> list[int]:
   try:
     return [p.wait(timeout=timeout_s) for p in procs]
@@ -98,6 +120,8 @@ def _finish(procs, logs, timeout_s: float = 400) -> list[int]:
     for p in procs:
       if p.poll() is None:
         p.kill()
+        p.wait()
+    _wait_for_stderr_filters(procs)
     for p, log in zip(procs, logs):
       if p.returncode not in (0, None):
         print(f'--- {log}\n{_read(log)[-3000:]}')
@@ -186,7 +210,8 @@ def test_sigterm_on_one_process_stops_every_process_at_one_step(
 def _kill(job, logs, victim: int, after: str) -> tuple[int, float, str]:
   """SIGKILLs process `victim` (no handler, no goodbye) once process 0 has
   logged `after`; returns the survivor's exit status, the seconds it took
-  to exit, and what it printed after the kill. Kills what is left."""
+  to exit, and what it printed after the kill (read once its stderr
+  filter has ended). Kills what is left."""
   survivor = 1 - victim
   try:
     _wait_for(logs[0], after, job)
@@ -222,13 +247,24 @@ def test_dead_process_ends_the_job_and_the_rerun_resumes(tmp_path, reference):
 
   # The re-run resumes from that checkpoint; then process 0 dies. Process 1
   # loses the coordinator, and with it JAX's coordination service: it exits
-  # non-zero at once (JAX's client aborts; see docs/robustness.md).
+  # non-zero at once (JAX's client aborts: SIGABRT), and its stderr filter
+  # prints one line in place of the abort's native logs and stack dumps.
   job = _start_job(workdir, logs, checkpoint_every_steps=2)
   rc, elapsed, out = _kill(job, logs, victim=0,
                            after=f'step {saved[-1] + 4}/40')
   assert f'Resumed from step {saved[-1]}' in _read(logs[0])
   assert rc != 0, out[-3000:]
   assert elapsed < PEER_TIMEOUT_S + 30, elapsed
+  lines = out.strip().splitlines()
+  assert lines[-1].startswith('error: process 1 of 2 is stopping: process 0 '
+                              '(the coordinator'), out[-3000:]
+  assert lines[-1].endswith('Re-run the same command on every host to '
+                            'resume from the last checkpoint'), lines[-1]
+  assert all(re.match(r'\d\d:\d\d:\d\d ', line) for line in lines[:-1]), (
+      out[-3000:])
+  for native in ('.cc:', 'Traceback', 'Fatal Python error',
+                 'Extension modules', 'Check failure'):
+    assert native not in out, out[-3000:]
   # A save cut off by the kill is not listed; the one before it is.
   resumed = _steps(workdir, allow_partial=True)[-1]
   assert saved[-1] <= resumed < END_STEP, (saved, resumed)

@@ -18,9 +18,10 @@ Why a wrapper rather than a bare `jax.distributed.initialize`:
   native abort. `_PeerWatch` ends them first, within `--peer_timeout`, with
   one line naming the process that went silent; `errors_await_peer_watch`
   keeps a collective that failed on the dead peer from ending the process
-  with a traceback first. Not process 0: it hosts JAX's coordination
-  service, and its death makes JAX's client in every other process abort at
-  once, in native code that Python cannot intercept (docs/robustness.md).
+  with a traceback first. Process 0 hosts JAX's coordination service, and
+  its death makes JAX's client in every other process abort at once, in
+  native code that Python cannot intercept; `stderr_filter` turns what that
+  abort prints into the same kind of line (docs/robustness.md).
 - Non-zero processes log warnings and errors only, so a job's log is one
   process's narrative rather than N interleaved copies.
 """
@@ -36,6 +37,8 @@ from typing import Iterator
 
 from absl import logging
 import jax
+
+from simclr_jax.runtime import stderr_filter
 
 # Exit status of a process that gave up joining the job (main.py uses 2 for
 # bad configs and inputs; this is the environment, not the config).
@@ -125,6 +128,7 @@ class _Watchdog:
       message = f'distributed initialisation timed out ({e})'
     sys.stderr.write(f'error: {message}\n')
     sys.stderr.flush()
+    stderr_filter.close()
     os._exit(EXIT_INIT_TIMEOUT)  # pylint: disable=protected-access
 
 
@@ -137,11 +141,11 @@ class _PeerWatch:
   LOG(FATAL): SIGABRT, a native and a Python stack trace, which on a pod
   reads like a crash of every host; and its callback for this event cannot
   be set from Python (JAX 0.10 takes one, but cannot pass it the C++
-  status: the process ends in std::bad_cast). So each process also keeps a heartbeat of its own in
-  the job's key-value store (a counter it bumps every `interval_s`) and
-  watches everyone else's: a peer whose counter has not moved for
-  `timeout_s` by this process's clock, or a coordinator that has not
-  answered for as long, ends this process with one `error:` line and
+  status: the process ends in std::bad_cast). So each process also keeps a
+  heartbeat of its own in the job's key-value store (a counter it bumps
+  every `interval_s`) and watches everyone else's: a peer whose counter has
+  not moved for `timeout_s` by this process's clock, or a coordinator that
+  has not answered for as long, ends this process with one `error:` line and
   EXIT_PEER_LOST. JAX's own heartbeat deadline is set
   _NATIVE_DEADLINE_GRACE_S later, as a backstop.
 
@@ -176,6 +180,7 @@ class _PeerWatch:
         f'{self._timeout_s:g} s). Re-run the same command on every host to '
         'resume from the last checkpoint\n')
     sys.stderr.flush()
+    stderr_filter.close()  # The parent finds this line once we have ended.
     os._exit(EXIT_PEER_LOST)  # pylint: disable=protected-access
 
   def _counters(self) -> dict[str, str | None]:
@@ -295,6 +300,18 @@ def _use_gloo_on_cpu() -> None:
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
 
 
+def _disable_preemption_service() -> None:
+  """Turns off JAX's preemption sync service, which this project does not use.
+
+  Stops are agreed by the training loop's own all-reduced signal flag. The
+  service would only add a native SIGTERM handler (replaced by the loop's)
+  and, when the coordinator dies, one more native error line. Orbax reads a
+  disabled service as "no preemption".
+  """
+  if 'jax_enable_preemption_service' in getattr(jax.config, 'values', {}):
+    jax.config.update('jax_enable_preemption_service', False)
+
+
 def _quiet_other_processes() -> None:
   """Leaves INFO logging to process 0; warnings and errors still show."""
   if jax.process_index() != 0:
@@ -359,6 +376,7 @@ def initialize(coordinator_address: str | None = None,
     kwargs = {}
   if num_processes != 1:
     _use_gloo_on_cpu()
+    _disable_preemption_service()
   logging.info('Joining distributed job: %s (timeout %g s)',
                kwargs or 'auto-detected cluster', timeout_s)
   t0 = time.time()
@@ -380,6 +398,8 @@ def initialize(coordinator_address: str | None = None,
           f'jax.distributed.initialize failed: {first}') from None
   _quiet_other_processes()
   if jax.process_count() > 1:
+    stderr_filter.install(jax.process_index(), jax.process_count(),
+                          coordinator_address or 'the auto-detected address')
     _watch_peers(peer_timeout_s, coordinator_address)
   logging.info('Process %d of %d joined in %.1f s; %d local and %d global '
                'devices', jax.process_index(), jax.process_count(),
