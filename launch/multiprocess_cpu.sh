@@ -15,8 +15,9 @@
 # PYTHON (python). Process 0's log goes to the terminal and to
 # WORKDIR/logs/process_0.log, the others' to WORKDIR/logs/process_<i>.log.
 # Exit status: the first non-zero one among the processes, else 0. A process
-# that dies makes the others exit 1 within --peer_timeout (default 60 s), so
-# the script never waits on a hung job.
+# that dies makes the others exit 1 within --peer_timeout (default 60 s), or
+# 134 at once when it was process 0 (JAX's abort), so the script never waits
+# on a hung job.
 # Re-running the same command resumes from the last checkpoint.
 set -euo pipefail
 usage='usage: launch/multiprocess_cpu.sh CONFIG WORKDIR [flags...]'
@@ -40,7 +41,9 @@ for ((i = 0; i < num_processes; i++)); do
        --num_processes="$num_processes" --process_id="$i" "$@")
   log="$workdir/logs/process_$i.log"
   if ((i == 0)); then
-    ("${cmd[@]}" 2>&1 | tee "$log") &
+    # tee in a process substitution, so that $! is the training process
+    # itself (which the trap must signal), not a subshell running a pipeline.
+    "${cmd[@]}" > >(tee "$log") 2>&1 &
   else
     "${cmd[@]}" > "$log" 2>&1 &
   fi
@@ -49,6 +52,11 @@ done
 
 status=0
 for pid in "${pids[@]}"; do
+  # wait returns early (128 + the signal) when a trapped signal arrives:
+  # wait again until the process has ended (bash keeps its exit status).
+  while kill -0 "$pid" 2>/dev/null; do
+    wait "$pid" || true
+  done
   rc=0
   wait "$pid" || rc=$?
   if ((status == 0 && rc != 0)); then

@@ -175,16 +175,20 @@ def main(argv):
                  peer_timeout_s=FLAGS.peer_timeout)
   entry.check_accelerator(FLAGS.config, FLAGS.allow_cpu)
   # pylint: disable=g-import-not-at-top
+  from simclr_jax.runtime import distributed
   from simclr_jax.runtime import provenance
   from simclr_jax.training import workdir as workdir_lib
   with entry.exit_on_error():
     workdir_lib.prepare_workdir(FLAGS.workdir)
   provenance.record_start(FLAGS.workdir)  # Before any step: what code ran.
-  config = _resolve(FLAGS.config, FLAGS.mode)
-  if FLAGS.mode == 'pretrain':
-    run_pretrain(config, FLAGS.workdir)
-  else:
-    run_downstream(FLAGS.mode, config, FLAGS.workdir)
+  # A killed peer makes collectives here fail at once; the job then ends
+  # with the peer watch's one line, not this process's traceback.
+  with distributed.errors_await_peer_watch():
+    config = _resolve(FLAGS.config, FLAGS.mode)
+    if FLAGS.mode == 'pretrain':
+      run_pretrain(config, FLAGS.workdir)
+    else:
+      run_downstream(FLAGS.mode, config, FLAGS.workdir)
 
 
 def run():

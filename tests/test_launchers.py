@@ -1,4 +1,4 @@
-"""The Slurm and Cloud TPU launchers pass on a failure and a SIGTERM.
+"""The launchers pass on a failure and a SIGTERM.
 
 Neither cluster is here, so the commands the launchers call are stand-ins,
 put first on PATH: `srun`, `scancel` and `scontrol` for
@@ -42,8 +42,11 @@ WORKLOAD = '''#!{python}
 import json, os, signal, sys, time
 
 markers, fail = {markers!r}, {fail!r}
+process_id = [a for a in sys.argv if a.startswith('--process_id=')]
 if 'SLURM_PROCID' in os.environ:
   name = 'task' + os.environ['SLURM_PROCID']
+elif process_id:  # launch/multiprocess_cpu.sh.
+  name = 'process' + process_id[0].split('=', 1)[1]
 else:  # A TPU worker: its home tells which.
   name = os.path.basename(os.environ['HOME'])
 
@@ -449,5 +452,26 @@ def test_tpu_launcher_stops_workers_that_start_after_the_sigterm(tmp_path):
     os.remove(hold)  # The sessions connect now.
     assert cluster.wait() == 128 + signal.SIGTERM, cluster.output()
     assert not cluster.started()
+  finally:
+    cluster.close()
+
+
+# --- One machine: launch/multiprocess_cpu.sh ---------------------------------
+
+def test_multiprocess_cpu_launcher_passes_sigterm_and_exits_0(tmp_path):
+  # The script runs the training command itself (no cluster tool); a
+  # SIGTERM arrives while it waits for process 0, whose own exit status (0)
+  # is the one to report, not the interrupted wait's 143.
+  cluster = _Cluster(tmp_path)
+  try:
+    cluster.start('multiprocess_cpu.sh',
+                  dict(NUM_PROCESSES=str(PROCESSES), PORT='12345'),
+                  'configs/digits.py', str(tmp_path / 'run'))
+    cluster.wait_until_running()
+    cluster.launcher.send_signal(signal.SIGTERM)  # The launcher alone.
+    assert cluster.wait() == 0, cluster.output()
+    assert cluster.stopped() == {
+        f'process{i}': signal.SIGTERM for i in range(PROCESSES)}, (
+            cluster.output())
   finally:
     cluster.close()

@@ -16,20 +16,29 @@ Why a wrapper rather than a bare `jax.distributed.initialize`:
 - A process that dies mid-run (SIGKILL, OOM, a lost host) would leave the
   others blocked in collectives, or ended by JAX's heartbeat check with a
   native abort. `_PeerWatch` ends them first, within `--peer_timeout`, with
-  one line naming the process that went silent.
+  one line naming the process that went silent; `errors_await_peer_watch`
+  keeps a collective that failed on the dead peer from ending the process
+  with a traceback first. Process 0 hosts JAX's coordination service, and
+  its death makes JAX's client in every other process abort at once, in
+  native code that Python cannot intercept; `stderr_filter` turns what that
+  abort prints into the same kind of line (docs/robustness.md).
 - Non-zero processes log warnings and errors only, so a job's log is one
   process's narrative rather than N interleaved copies.
 """
 
+import contextlib
 import inspect
 import os
 import socket
 import sys
 import threading
 import time
+from typing import Iterator
 
 from absl import logging
 import jax
+
+from simclr_jax.runtime import stderr_filter
 
 # Exit status of a process that gave up joining the job (main.py uses 2 for
 # bad configs and inputs; this is the environment, not the config).
@@ -40,6 +49,8 @@ EXIT_PEER_LOST = 1
 # The C++ deadline is set this much later than the watchdog's, so the
 # watchdog's one-line message always wins the race against the native abort.
 _NATIVE_DEADLINE_GRACE_S = 30
+# The running job's `_PeerWatch`, for `errors_await_peer_watch`.
+_watch = None
 
 
 class InitializationError(RuntimeError):
@@ -117,6 +128,7 @@ class _Watchdog:
       message = f'distributed initialisation timed out ({e})'
     sys.stderr.write(f'error: {message}\n')
     sys.stderr.flush()
+    stderr_filter.close()
     os._exit(EXIT_INIT_TIMEOUT)  # pylint: disable=protected-access
 
 
@@ -128,11 +140,12 @@ class _PeerWatch:
   service notices the missing heartbeats, but ends every survivor with
   LOG(FATAL): SIGABRT, a native and a Python stack trace, which on a pod
   reads like a crash of every host; and its callback for this event cannot
-  be set from Python. So each process also keeps a heartbeat of its own in
-  the job's key-value store (a counter it bumps every `interval_s`) and
-  watches everyone else's: a peer whose counter has not moved for
-  `timeout_s` by this process's clock, or a coordinator that has not
-  answered for as long, ends this process with one `error:` line and
+  be set from Python (JAX 0.10 takes one, but cannot pass it the C++
+  status: the process ends in std::bad_cast). So each process also keeps a
+  heartbeat of its own in the job's key-value store (a counter it bumps
+  every `interval_s`) and watches everyone else's: a peer whose counter has
+  not moved for `timeout_s` by this process's clock, or a coordinator that
+  has not answered for as long, ends this process with one `error:` line and
   EXIT_PEER_LOST. JAX's own heartbeat deadline is set
   _NATIVE_DEADLINE_GRACE_S later, as a backstop.
 
@@ -151,6 +164,9 @@ class _PeerWatch:
     self._coordinator = coordinator_address
     self._me = jax.process_index()
     self._count = jax.process_count()
+    # Per peer: (its last counter, when it last changed, by our clock).
+    self._seen: dict[str, tuple[str | None, float]] = {}
+    self._lock = threading.Lock()
     self._thread = threading.Thread(target=self._run, daemon=True,
                                     name='peer-watch')
 
@@ -164,13 +180,37 @@ class _PeerWatch:
         f'{self._timeout_s:g} s). Re-run the same command on every host to '
         'resume from the last checkpoint\n')
     sys.stderr.flush()
+    stderr_filter.close()  # The parent finds this line once we have ended.
     os._exit(EXIT_PEER_LOST)  # pylint: disable=protected-access
+
+  def _counters(self) -> dict[str, str | None]:
+    with self._lock:
+      return {peer: value for peer, (value, _) in self._seen.items()}
+
+  def await_verdict(self) -> None:
+    """Blocks until every peer is known to be alive, or ends the process.
+
+    For the main thread after an error, which may be the first sign of a
+    dead peer (a collective whose TCP peer reset the connection fails at
+    once): returns when every peer's counter has moved since the call (they
+    are alive; the error is this process's own), while a dead peer's stays
+    still and the watch ends the process with its one line, at the latest
+    `timeout_s` after that peer's last beat. Bounded, in case this thread
+    stopped.
+    """
+    start = self._counters()
+    deadline = time.monotonic() + self._timeout_s + 4 * self._interval_s
+    while time.monotonic() < deadline:
+      time.sleep(self._interval_s / 2)
+      now = self._counters()
+      if all(now.get(str(p)) not in (None, start.get(str(p)))
+             for p in range(self._count) if p != self._me):
+        return
 
   def _run(self) -> None:
     beat = 0
     last_ok = time.monotonic()
-    # Per peer: (its last counter, when it last changed, by our clock).
-    seen = {}
+    seen = self._seen
     while True:
       now = time.monotonic()
       beat += 1
@@ -192,12 +232,14 @@ class _PeerWatch:
           continue
         old = seen.get(peer)
         if old is None or old[0] != value:
-          seen[peer] = (value, now)
+          with self._lock:
+            seen[peer] = (value, now)
       for peer in range(self._count):
         if peer == self._me:
           continue
         # A peer not yet heard from counts from the watch's start.
-        value, since = seen.setdefault(str(peer), (None, now))
+        with self._lock:
+          value, since = seen.setdefault(str(peer), (None, now))
         silent = now - since
         if silent > self._timeout_s:
           self._fail(f'process {peer} stopped responding {silent:.0f} s ago '
@@ -216,8 +258,30 @@ def _watch_peers(timeout_s: float, coordinator_address: str | None) -> None:
     logging.warning('No key-value store on this JAX version: a dead process '
                     'ends the job through JAX\'s own heartbeat check only.')
     return
-  _PeerWatch(client, timeout_s,
-             coordinator_address or 'the auto-detected address').start()
+  global _watch
+  _watch = _PeerWatch(client, timeout_s,
+                      coordinator_address or 'the auto-detected address')
+  _watch.start()
+
+
+@contextlib.contextmanager
+def errors_await_peer_watch() -> Iterator[None]:
+  """Lets a dead peer, not the error it caused here, end a multi-process run.
+
+  When a process is killed, its peers' collectives fail at once (gloo:
+  "Connection reset by peer") or block. An error escaping here would print
+  a traceback, and the interpreter's shutdown would then meet Orbax's
+  checkpoint thread mid-save (more tracebacks) before the watch's line
+  arrives. So an error waits for the watch's verdict first: a dead peer ends
+  the process with the one `error:` line and EXIT_PEER_LOST; if every peer
+  is alive, the error goes on as before. No-op in a single-process run.
+  """
+  try:
+    yield
+  except Exception:
+    if _watch is not None:
+      _watch.await_verdict()
+    raise
 
 
 def _use_gloo_on_cpu() -> None:
@@ -234,6 +298,18 @@ def _use_gloo_on_cpu() -> None:
   if os.environ.get('JAX_CPU_COLLECTIVES_IMPLEMENTATION'):
     return
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+
+
+def _disable_preemption_service() -> None:
+  """Turns off JAX's preemption sync service, which this project does not use.
+
+  Stops are agreed by the training loop's own all-reduced signal flag. The
+  service would only add a native SIGTERM handler (replaced by the loop's)
+  and, when the coordinator dies, one more native error line. Orbax reads a
+  disabled service as "no preemption".
+  """
+  if 'jax_enable_preemption_service' in getattr(jax.config, 'values', {}):
+    jax.config.update('jax_enable_preemption_service', False)
 
 
 def _quiet_other_processes() -> None:
@@ -300,6 +376,7 @@ def initialize(coordinator_address: str | None = None,
     kwargs = {}
   if num_processes != 1:
     _use_gloo_on_cpu()
+    _disable_preemption_service()
   logging.info('Joining distributed job: %s (timeout %g s)',
                kwargs or 'auto-detected cluster', timeout_s)
   t0 = time.time()
@@ -321,6 +398,8 @@ def initialize(coordinator_address: str | None = None,
           f'jax.distributed.initialize failed: {first}') from None
   _quiet_other_processes()
   if jax.process_count() > 1:
+    stderr_filter.install(jax.process_index(), jax.process_count(),
+                          coordinator_address or 'the auto-detected address')
     _watch_peers(peer_timeout_s, coordinator_address)
   logging.info('Process %d of %d joined in %.1f s; %d local and %d global '
                'devices', jax.process_index(), jax.process_count(),

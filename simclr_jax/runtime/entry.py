@@ -18,6 +18,9 @@ import sys
 from typing import Callable, Iterator, NoReturn, Sequence
 
 from simclr_jax.runtime import logs
+# Imported before JAX: its exit hook then runs after JAX's shutdown, which
+# can still meet a dead coordinator (stderr_filter.close).
+from simclr_jax.runtime import stderr_filter  # pylint: disable=unused-import
 
 # Exit status of bad flags, configs and inputs (a diverged run exits 1).
 USAGE_ERROR = 2
