@@ -75,13 +75,17 @@ def test_unknown_padding_is_a_clear_error():
 def test_configs_pass_the_field_through():
   config = defaults.base_config()
   assert config.model.maxpool_padding == 'torch'
-  assert models.build_model(config, num_classes=10).maxpool_padding == 'torch'
+  # The models hold the ResNet the config describes as their encoder.
+  def padding(model):
+    return model.encoder.maxpool_padding
+
+  assert padding(models.build_model(config, num_classes=10)) == 'torch'
   config.model.maxpool_padding = 'tf'
-  assert models.build_model(config, num_classes=10).maxpool_padding == 'tf'
+  assert padding(models.build_model(config, num_classes=10)) == 'tf'
   net = classifier.build_classifier(config, head_layers=0, num_classes=10)
-  assert net.maxpool_padding == 'tf'
+  assert padding(net) == 'tf'
   # A config.json saved before the field existed builds the torch padding.
   del config.model['maxpool_padding']
-  assert models.build_model(config, num_classes=10).maxpool_padding == 'torch'
+  assert padding(models.build_model(config, num_classes=10)) == 'torch'
   net = classifier.build_classifier(config, head_layers=0, num_classes=10)
   assert net.maxpool_padding == 'torch'

@@ -192,20 +192,37 @@ class _PeerWatch:
 
     For the main thread after an error, which may be the first sign of a
     dead peer (a collective whose TCP peer reset the connection fails at
-    once): returns when every peer's counter has moved since the call (they
-    are alive; the error is this process's own), while a dead peer's stays
-    still and the watch ends the process with its one line, at the latest
-    `timeout_s` after that peer's last beat. Bounded, in case this thread
-    stopped.
+    once): returns when every peer's counter in the store has moved since
+    the call (they are alive; the error is this process's own); a dead
+    peer's stays still, and the watch, or this call once `timeout_s` and a
+    few beats have passed, ends the process with the one line.
     """
-    start = self._counters()
-    deadline = time.monotonic() + self._timeout_s + 4 * self._interval_s
+    began = time.monotonic()
+    start = self._fresh_counters()
+    deadline = began + self._timeout_s + 4 * self._interval_s
+    peers = [p for p in range(self._count) if p != self._me]
+    silent = peers
     while time.monotonic() < deadline:
       time.sleep(self._interval_s / 2)
-      now = self._counters()
-      if all(now.get(str(p)) not in (None, start.get(str(p)))
-             for p in range(self._count) if p != self._me):
+      now = self._fresh_counters()
+      silent = [p for p in peers
+                if now.get(str(p)) in (None, start.get(str(p)))]
+      if not silent:
         return
+    # A peer silent for longer than the timeout is gone by the watch's own
+    # rule; the watch thread may simply not have run yet on a busy host.
+    self._fail(f'process {silent[0]} stopped responding '
+               f'{time.monotonic() - began:.0f} s ago (killed, out of memory, '
+               'or its host was lost)')
+
+  def _fresh_counters(self) -> dict[str, str | None]:
+    """Every peer's heartbeat counter, read from the store now (the watch's
+    last reading if the store does not answer)."""
+    try:
+      entries = self._client.key_value_dir_get(self._PREFIX)
+    except Exception:  # pylint: disable=broad-except
+      return self._counters()
+    return {key.rsplit('/', 1)[-1]: value for key, value in entries}
 
   def _run(self) -> None:
     beat = 0
