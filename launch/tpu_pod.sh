@@ -24,7 +24,7 @@
 # host checkpoints and exits, and this script then exits with gcloud's
 # status. Signalling gcloud is not enough: it ends gcloud or its ssh
 # clients, never the remote commands, since a command that ssh runs without
-# a terminal gets no SIGHUP when its session closes and trains on with its
+# a terminal gets no SIGHUP when its ssh connection closes and trains on with its
 # output going nowhere. From another machine, or once this script is gone:
 #   gcloud compute tpus tpu-vm ssh $TPU --zone=$ZONE --worker=all \
 #       --command='pkill -TERM -f simclr_jax.main'
@@ -60,7 +60,7 @@ args=$(printf ' %q' --config="$config" --workdir="$workdir" \
 # launch, in its own /tmp (\$ marks what each host expands), so that the
 # stop command signals exactly that process. The stop command leaves a stop
 # file before it reads the pid, and a host looks for that file after writing
-# its pid, so a stop that comes while the sessions still connect reaches
+# its pid, so a stop that comes while the ssh connections are still opening reaches
 # every host too.
 tag="simclr_jax.$(date +%s).$$"
 pid_file="\${TMPDIR:-/tmp}/$tag.pid"

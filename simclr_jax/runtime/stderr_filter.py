@@ -26,12 +26,12 @@ Python's subprocess), which is non-zero, as a lost peer's should be.
 
 The filter is a separate process because the abort leaves none of this one
 to act: it reads until every writer has closed the pipe, so it outlives the
-abort by the few milliseconds it needs. It runs in a session of its own and
-ignores SIGINT and SIGTERM, so a Ctrl-C or a launcher's signal to the
-process group stops the training process (which checkpoints) and not the
-filter before it has forwarded the last lines. It needs only the standard
-library and starts in isolated mode (`-I -S`), so no environment variable or
-site package changes what it does.
+abort by the few milliseconds it needs. It starts under setsid (a process
+group of its own) and ignores SIGINT and SIGTERM, so a Ctrl-C or a
+launcher's signal to the process group stops the training process (which
+checkpoints) and not the filter before it has forwarded the last lines. It
+needs only the standard library and starts in isolated mode (`-I -S`), so
+no environment variable or site package changes what it does.
 
 Only multi-process runs install it; a single-process run's stderr is left as
 it is.
