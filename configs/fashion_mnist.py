@@ -17,10 +17,10 @@ on. The test split is read only by the published runs.
 
 Budget: pretraining plus read-outs within 45 minutes of two CPU cores.
 Width and length were chosen together on the validation split at that
-budget: width 1/4 for 7 epochs against width 1/8 for 16 (docs/fashion_mnist.md,
-"Width against length at one budget"). docs/fashion_mnist.md gives the
-measured time of the published runs and the learning curve of the width-1/8
-network.
+budget: width 1/4 for 7 epochs against width 1/8 for 16
+(docs/fashion_mnist.md, "Width against length at one budget"), which also
+gives the measured time of the published runs and the learning curve of
+the width-1/8 network.
 """
 
 from simclr_jax.config import defaults

@@ -60,6 +60,37 @@ def test_simclrv2_recipe_is_sk_with_three_layer_head():
   assert 'dense3' in shapes['params']['projection_head']
 
 
+def test_moco_v3_vit_b16_recipe_is_the_papers():
+  """MoCo v3's ViT-B/16 settings (Chen, Xie, He 2021), and its heads: a
+  3-layer 4096-wide projector to 256 and a 2-layer predictor, both ending in
+  a BN without affine parameters."""
+  from simclr_jax import methods  # pylint: disable=g-import-not-at-top
+  c = defaults.load_recipe(os.path.join(ROOT, 'configs',
+                                        'imagenet_moco_v3_vit_b16.py'))
+  assert (c.method, c.batch_size, c.num_epochs, c.loss.temperature,
+          c.moco_v3.momentum) == ('moco_v3', 4096, 300, 0.2, 0.99)
+  assert (c.optim.name, c.optim.weight_decay, c.optim.warmup_epochs) == (
+      'adamw', 0.1, 40)
+  assert optim.peak_learning_rate(c.optim.base_learning_rate, 4096,
+                                  c.optim.lr_scaling) == pytest.approx(2.4e-3)
+  assert (c.model.name, c.model.vit.size, c.model.vit.patch_size,
+          c.model.vit.pos_embed, c.model.vit.frozen_patch_embed) == (
+              'vit', 'base', 16, 'sincos', True)
+  method = methods.make_method(c, mesh=None, total_steps=10,
+                               num_train_examples=0)
+  model = models.build_model(c, num_classes=1000,
+                             **method.model_overrides())
+  params = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jax.numpy.zeros((2, 224, 224, 3)),
+                         train=False))['params']
+  head, pred = params['projection_head'], params['predictor']
+  assert [head[f'dense{i}']['kernel'].shape for i in (1, 2, 3)] == [
+      (768, 4096), (4096, 4096), (4096, 256)]
+  assert 'bn3' not in head and 'bn2' not in pred
+  assert pred['dense2']['kernel'].shape == (4096, 256)
+  assert 'bias' not in pred['dense2']
+
+
 def _changed_fields(base, other) -> set[str]:
   """Names ('section.field' or 'field') of `other`'s values that differ
   from `base`'s."""

@@ -135,6 +135,33 @@ def test_frozen_bn_equals_full_batch_gradient(chunks):
   _assert_trees_close(new_stats, stats, rtol=0, atol=0)
 
 
+def test_vit_gradient_cache_equals_full_batch_gradient():
+  """A ViT encoder (LayerNorm, attention, a class token) under a BN head:
+  the cached gradient over 2 chunks equals jax.grad of the whole batch's
+  loss in one call."""
+  from simclr_jax import models  # pylint: disable=g-import-not-at-top
+  model = models.SimCLRModel(
+      encoder=models.ViT(width=8, depth=1, num_heads=2, patch_size=3,
+                         name='encoder'),
+      num_proj_layers=2, proj_out_dim=6, num_classes=NUM_CLASSES)
+  x, labels = _data()
+  params, stats = _variables(model, x)
+
+  def full_loss(p):
+    out = model.apply({'params': p, 'batch_stats': stats}, x, train=False)
+    return _reference_loss(out['projection'], out['logits'], labels)
+
+  want_loss, want = jax.value_and_grad(full_loss)(params)
+  grads, (metrics, _) = _sharded_grads(model, params, stats, x, labels, 2,
+                                       'frozen')
+  np.testing.assert_allclose(
+      metrics['contrastive_loss'] + metrics['linear_loss'], want_loss,
+      rtol=1e-6)
+  _assert_trees_close(grads, want, rtol=1e-5, atol=1e-6)
+  qkv = grads['encoder']['blocks_0']['attn']['qkv']['kernel']
+  assert float(jnp.abs(qkv).max()) > 0
+
+
 def test_per_chunk_bn_is_the_gradient_of_per_chunk_statistics():
   """Train-mode BN: exact gradient of the network whose BN sees one chunk."""
   model = _TinyNet()

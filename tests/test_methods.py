@@ -7,6 +7,7 @@ direct NumPy formula. Queue and memory bank survive stop and resume exactly.
 """
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +18,10 @@ from simclr_jax.config import defaults
 from simclr_jax.config import validation as config_validation
 from simclr_jax import losses
 from simclr_jax import methods
+from simclr_jax.models import resnet
 from simclr_jax.runtime.config_checks import ConfigError
 from simclr_jax.training import pretrain as train
+from conftest import ROOT
 
 N = 16  # images per step: 2 per device on the 8 virtual devices.
 SIZE = 8
@@ -58,8 +61,8 @@ def _batch(seed: int = 0) -> dict:
           'index': rng.permutation(1437)[:N].astype(np.int32)}
 
 
-def _one_step(method_name: str, **overrides):
-  c = _config(method_name)
+def _one_step(method_name: str, config=None, **overrides):
+  c = config or _config(method_name)
   c.update_from_flattened_dict(overrides)
   setup = train.build(c)
   state0 = jax.device_get(train.initial_state(setup))
@@ -519,3 +522,48 @@ def test_method_state_survives_stop_and_resume(tmp_path, name, key):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5,
                                                          atol=1e-6),
                  a['target_params'], b['target_params'])
+
+
+def test_moco_v3_vit_recipe_heads_loss_and_frozen_patch_projection():
+  """configs/methods/moco_v3.py's ViT settings on a tiny ViT: the loss is
+  MoCo v3's of independently computed outputs, the projector and predictor
+  end in a BN without affine parameters (their train-mode outputs by
+  NumPy from the layer before), and the frozen patch projection does
+  not move while the blocks do."""
+  recipe = defaults.recipe_module(os.path.join(ROOT, 'configs', 'methods',
+                                               'moco_v3.py'))
+  # No warmup: the first step's learning rate is not 0.
+  c = recipe.vit_recipe(_config('moco_v3'), size='tiny', patch_size=4,
+                        warmup_epochs=0)
+  c.model.vit.update(dict(width=16, depth=1, num_heads=2))
+  c.model.proj_hidden_dim = 12
+  c.moco_v3.predictor_hidden_dim = 12
+  c.moco_v3.momentum = 0.9
+  config_validation.validate(c, num_devices=8)
+  assert c.optim.name == 'adamw' and c.loss.temperature == 0.2
+  c, setup, state0, state1, metrics, batch = _one_step('moco_v3', c)
+  _check_predictor_loss('moco_v3', c, setup, state0, metrics, batch)
+  head, pred = state0.params['projection_head'], state0.params['predictor']
+  assert sorted(head) == ['bn1', 'bn2', 'dense1', 'dense2', 'dense3']
+  assert 'bias' not in pred['dense2'] and 'bn2' not in pred
+  assert np.shape(head['dense1']['kernel']) == (16, 12)
+  out, _ = _online(setup, state0, batch)
+
+  def bn(x, p=None):  # Train-mode BN by NumPy; no p = no affine.
+    y = (x - x.mean(0)) / np.sqrt(x.var(0) + resnet.BN_EPSILON)
+    return y if p is None else y * p['scale'] + p.get('bias', 0.0)
+
+  f64 = lambda t: np.asarray(t, np.float64)
+  z = bn(f64(out['head_hiddens'][2]) @ f64(head['dense3']['kernel']))
+  np.testing.assert_allclose(out['projection'], z, rtol=1e-4, atol=1e-4)
+  h = np.maximum(bn(f64(out['projection']) @ f64(pred['dense1']['kernel']),
+                    jax.tree.map(f64, pred['bn1'])), 0)
+  np.testing.assert_allclose(out['prediction'],
+                             bn(h @ f64(pred['dense2']['kernel'])),
+                             rtol=1e-4, atol=1e-4)
+  patch0 = state0.params['encoder']['patch_embed']
+  patch1 = state1.params['encoder']['patch_embed']
+  jax.tree.map(np.testing.assert_array_equal, patch0, patch1)
+  assert not np.allclose(state0.params['encoder']['blocks_0']['mlp']['fc1']
+                         ['kernel'], state1.params['encoder']['blocks_0']
+                         ['mlp']['fc1']['kernel'])

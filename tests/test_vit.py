@@ -160,6 +160,27 @@ def test_frozen_patch_embedding_gets_no_gradient():
     assert qkv > 0
 
 
+def test_remat_keeps_names_and_gradients_and_recomputes_the_blocks():
+  """model.vit.remat: the same parameter tree and gradients as without it,
+  and the blocks are under jax.checkpoint in the traced program (so the
+  flag is not ignored)."""
+  x = np.random.default_rng(0).uniform(size=(2, 8, 8, 3)).astype(np.float32)
+  kw = dict(width=8, depth=2, num_heads=2, patch_size=4)
+  plain, remat = vit.ViT(**kw), vit.ViT(**kw, remat=True)
+  params = jax.jit(plain.init)(jax.random.key(0), x)['params']
+  assert (jax.tree.structure(params) == jax.tree.structure(
+      jax.eval_shape(remat.init, jax.random.key(0), x)['params']))
+  grad = lambda m: jax.grad(
+      lambda p: jnp.sum(jnp.tanh(m.apply({'params': p}, x))))
+  # Recomputed activations round differently in the last bits.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                       atol=1e-6),
+               jax.jit(grad(remat))(params), jax.jit(grad(plain))(params))
+  # jax.checkpoint traces as the `remat` primitive.
+  assert 'remat' in str(jax.make_jaxpr(grad(remat))(params))
+  assert 'remat' not in str(jax.make_jaxpr(grad(plain))(params))
+
+
 def test_qkv_init_is_xavier_over_each_third():
   model = vit.ViT(width=64, depth=1, num_heads=4, patch_size=4)
   params = jax.jit(model.init)(jax.random.key(0),

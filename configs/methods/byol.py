@@ -8,7 +8,7 @@ r"""BYOL (predictor, EMA target, no negatives).
       --workdir=DIR --config.dataset.data_dir=TFDS_DIR
 
 tau 0.996 -> 1 on a cosine on CIFAR-10 with a 4096-wide predictor; on the
-short CPU runs (digits, Fashion-MNIST: 60 and 936 steps) tau 0.99, so the
+short CPU runs (digits, Fashion-MNIST: 60 and 1,638 steps) tau 0.99, so the
 target moves (Fashion-MNIST's 0.99 against 0.996 on the validation split:
 docs/fashion_mnist.md), and a 256-wide predictor for their narrow encoders.
 Everything else (model, optimiser, schedule, augmentation, evaluation) is the

@@ -10,7 +10,7 @@ r"""MoCo v2 (momentum key encoder + queue of keys; docs/algorithms.md).
 T 0.2. The queue holds 65536 keys on CIFAR-10 (a multiple of 2N: both views'
 keys are enqueued), 8192 on Fashion-MNIST (16 steps of keys, fresh next to
 the key encoder's lag), 1024 on digits; m 0.999 on CIFAR-10, 0.99 for the
-short CPU runs (60 and 936 steps), where 0.999 would leave 94% and 39% of
+short CPU runs (60 and 1,638 steps), where 0.999 would leave 94% and 19% of
 the key encoder at its initial weights (Fashion-MNIST's 0.99 against 0.999
 on the validation split: docs/fashion_mnist.md).
 Everything else (model, optimiser, schedule, augmentation, evaluation) is the

@@ -98,6 +98,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.maxpool_padding = 'torch'
   c.model.num_proj_layers = 2  # SimCLRv1: 2, SimCLRv2: 3.
   c.model.proj_out_dim = 128
+  # Hidden width of the head (0 = the encoder's, as SimCLR's reference) and
+  # whether its output BN has a gamma (SimCLR: yes; MoCo v3's ViT head ends
+  # in a BN without affine parameters).
+  c.model.proj_hidden_dim = 0
+  c.model.proj_out_bn_scale = True
   c.model.ft_proj_selector = 0
   c.model.linear_eval_while_pretraining = True
   c.model.compute_dtype = 'float32'  # or 'bfloat16'; params stay float32.
@@ -105,10 +110,11 @@ def base_config() -> ml_collections.ConfigDict:
   # 'base'; width, depth and num_heads > 0 override it), patch 16 for 224 px
   # or 4 / 7 for 32 / 28 px, the class token or the patch mean as the
   # feature, learned or fixed sine-cosine position embeddings, and MoCo v3's
-  # frozen random patch projection.
+  # frozen random patch projection. remat recomputes each block's
+  # activations in the backward pass: the same numbers in less memory.
   c.model.vit = ml_collections.ConfigDict(dict(
       size='small', width=0, depth=0, num_heads=0, patch_size=16, pool='cls',
-      pos_embed='learned', frozen_patch_embed=False))
+      pos_embed='learned', frozen_patch_embed=False, remat=False))
 
   c.loss = ml_collections.ConfigDict()
   c.loss.temperature = 0.5
@@ -118,8 +124,10 @@ def base_config() -> ml_collections.ConfigDict:
   # contrastive_margin). Every method reads its temperature from
   # loss.temperature.
   c.moco_v2 = ml_collections.ConfigDict(dict(momentum=0.999, queue_size=65536))
+  # predictor_out_bn: the predictor ends in a BN without affine parameters
+  # (MoCo v3's ViT recipe; its ResNet recipe has none).
   c.moco_v3 = ml_collections.ConfigDict(
-      dict(momentum=0.99, predictor_hidden_dim=4096))
+      dict(momentum=0.99, predictor_hidden_dim=4096, predictor_out_bn=False))
   c.byol = ml_collections.ConfigDict(
       dict(momentum=0.996, predictor_hidden_dim=4096))
   # queue_length: past features per view added to the Sinkhorn (0 = none;
@@ -287,6 +295,7 @@ def base_config() -> ml_collections.ConfigDict:
 # encoder's own fields (models/encoders.resume_fields).
 RESUME_FIELDS = {
     'pretrain': ('model.num_proj_layers', 'model.proj_out_dim',
+                 'model.proj_hidden_dim', 'model.proj_out_bn_scale',
                  'model.linear_eval_while_pretraining', 'optim.name',
                  'dataset.name', 'method'),
     'downstream': ('init_from', 'dataset.name', 'model.ft_proj_selector', 'downstream.label_fraction',
@@ -310,6 +319,18 @@ def resume_fields(config: ml_collections.ConfigDict,
   return RESUME_FIELDS['downstream'] + network
 
 
+def recipe_module(path: str):
+  """The module of a recipe file, loaded by path (recipes are plain files,
+  not a package), so a recipe can call another's helpers."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  name = os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(f'simclr_recipe_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def load_recipe(path: str,
                 arg: str | None = None) -> ml_collections.ConfigDict:
   """Runs `get_config()` of a recipe file, so variants can extend a recipe.
@@ -318,12 +339,7 @@ def load_recipe(path: str,
   as configs/imagenet_resnet50_b8192.py reads its base this way. `arg` is
   what `--config=PATH:ARG` passes: `get_config(arg)` unless it is None.
   """
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-  name = os.path.splitext(os.path.basename(path))[0]
-  spec = importlib.util.spec_from_file_location(f'simclr_recipe_{name}', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = recipe_module(path)
   return module.get_config() if arg is None else module.get_config(arg)
 
 

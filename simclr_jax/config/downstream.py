@@ -22,7 +22,7 @@ _BLOCKS = (-1, 0, 1, 2, 3, 4)
 # Architecture fields copied from the source run into the recorded config.
 _ARCH_FIELDS = ('name', 'depth', 'width_multiplier', 'sk_ratio',
                 'maxpool_padding', 'vit', 'num_proj_layers', 'proj_out_dim',
-                'compute_dtype')
+                'proj_hidden_dim', 'proj_out_bn_scale', 'compute_dtype')
 
 
 def _fail(field: str, value, allowed: str) -> None:

@@ -56,6 +56,9 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
   checks.positive('model.proj_out_dim', config.model.proj_out_dim)
   checks.positive('model.num_proj_layers', config.model.num_proj_layers,
                   allow_zero=True)
+  checks.integer('model.proj_hidden_dim', config.model.proj_hidden_dim, 0)
+  checks.choice('model.proj_out_bn_scale', config.model.proj_out_bn_scale,
+                (True, False))
   checks.positive('model.sk_ratio', config.model.sk_ratio, allow_zero=True)
   checks.positive('loss.temperature', config.loss.temperature)
   checks.positive('optim.base_learning_rate', config.optim.base_learning_rate)

@@ -89,7 +89,8 @@ def run_export(config: ml_collections.ConfigDict, workdir: str) -> dict:
     head = torch_layout.split_variables(variables, 'projection_head')
     # A fine-tuning run keeps only the first ft_proj_selector layers.
     kept = heads.num_head_layers(head['params'])
-    head_config = dict(num_layers=kept, out_dim=m.proj_out_dim)
+    head_config = dict(num_layers=kept, out_dim=m.proj_out_dim,
+                       **heads.head_settings(m))
     if kept < m.num_proj_layers:
       head_config['total_layers'] = m.num_proj_layers
   source = dict(init_from=paths_lib.abspath(config.init_from), step=int(step),

@@ -198,6 +198,8 @@ def projection_head_to_torch(variables: Mapping[str, Any]
     (index j+2 is the ReLU of hidden layers; it has no parameters)
   The last layer's BN has no beta in SimCLR (the reference's center=False);
   its `.bias` is written as zeros so a stock `BatchNorm1d` computes the same.
+  MoCo v3's ViT head has no gamma there either: `.weight` is written as
+  ones.
 
   Accepts a SimCLRModel tree (uses 'projection_head') or the head's own
   {'params', 'batch_stats'}.
@@ -212,7 +214,9 @@ def projection_head_to_torch(variables: Mapping[str, Any]
   for i in range(1, num_layers + 1):
     j = 3 * (i - 1)
     out[f'{j}.weight'] = _leaf(params[f'dense{i}']['kernel'], (1, 0))
-    bn = dict(params[f'bn{i}'])
+    bn = dict(params.get(f'bn{i}', {}))
+    if 'scale' not in bn:
+      bn['scale'] = np.ones(np.shape(stats[f'bn{i}']['mean']), np.float32)
     if 'bias' not in bn:
       bn['bias'] = np.zeros(np.shape(bn['scale']), np.float32)
     _add_bn(out, str(j + 1), bn, stats[f'bn{i}'])

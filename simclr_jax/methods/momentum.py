@@ -177,7 +177,20 @@ class MoCoV3(_MomentumMethod):
 
   name = 'moco_v3'
   section = 'moco_v3'
-  resume_shape_fields = ('moco_v3.predictor_hidden_dim',)
+  resume_shape_fields = ('moco_v3.predictor_hidden_dim',
+                         'moco_v3.predictor_out_bn')
+
+  @classmethod
+  def validate(cls, config):
+    super().validate(config)
+    checks.choice('moco_v3.predictor_out_bn',
+                  config.moco_v3.get('predictor_out_bn', False),
+                  (True, False))
+
+  def model_overrides(self) -> dict[str, Any]:
+    # The ViT recipe's predictor ends in a BN without affine parameters.
+    return {**super().model_overrides(), 'predictor_out_bn':
+            bool(self.settings.get('predictor_out_bn', False))}
 
   def loss(self, model, params, batch_stats, extra, batch):
     t = self.config.loss.temperature

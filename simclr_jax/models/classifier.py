@@ -39,14 +39,16 @@ class HeadLayers(nn.Module):
   num_layers: int
   total_layers: int
   out_dim: int = 128
+  hidden_dim: int | None = None
+  out_bn_scale: bool = True
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, h: jax.Array, train: bool) -> jax.Array:
     outputs = heads.projection_layers(
         h, num_layers=self.num_layers, total_layers=self.total_layers,
-        out_dim=self.out_dim, hidden_dim=None, dtype=self.dtype,
-        bn_axis_name=None, train=train)
+        out_dim=self.out_dim, hidden_dim=self.hidden_dim, dtype=self.dtype,
+        bn_axis_name=None, train=train, out_bn_scale=self.out_bn_scale)
     return outputs[-1] if outputs else h
 
 
@@ -62,6 +64,8 @@ class Classifier(nn.Module):
     total_head_layers: layers of the pretrained head (decides whether the
       last kept layer is the head's output layer).
     proj_out_dim: width of the head's output layer.
+    proj_hidden_dim, proj_out_bn_scale: the head's hidden width (0 = the
+      encoder's) and whether its output BN has a gamma (heads.head_settings).
     num_classes: classifier outputs.
     domain_hidden_dim: > 0 adds DANN's domain classifier (two ReLU layers
       of this width and one logit) behind a gradient-reversal layer on the
@@ -80,6 +84,8 @@ class Classifier(nn.Module):
   head_layers: int = 0
   total_head_layers: int = 2
   proj_out_dim: int = 128
+  proj_hidden_dim: int = 0
+  proj_out_bn_scale: bool = True
   num_classes: int = 1000
   frozen_encoder: bool = False
   domain_hidden_dim: int = 0
@@ -104,7 +110,8 @@ class Classifier(nn.Module):
       h = jax.lax.stop_gradient(h)
     if self.head_layers:
       h = HeadLayers(self.head_layers, self.total_head_layers,
-                     self.proj_out_dim, dtype=self.dtype,
+                     self.proj_out_dim, hidden_dim=self.proj_hidden_dim or None,
+                     out_bn_scale=self.proj_out_bn_scale, dtype=self.dtype,
                      name='projection_head')(h, train)
     h = h.astype(jnp.float32)
     logits = heads.LinearHead(self.num_classes, name='classifier')(h)
@@ -134,10 +141,12 @@ def build_classifier(run_config: ml_collections.ConfigDict, *,
   m = run_config.model
   dtype = resnet.compute_dtype(compute_dtype or
                                m.get('compute_dtype', 'float32'))
+  head = heads.head_settings(m)
   return Classifier(
       encoder=encoders.build_encoder(m, run_config.dataset.image_size,
                                      dtype=dtype),
       head_layers=head_layers, total_head_layers=m.num_proj_layers,
-      proj_out_dim=m.proj_out_dim, num_classes=num_classes,
+      proj_out_dim=m.proj_out_dim, proj_hidden_dim=head['hidden_dim'] or 0,
+      proj_out_bn_scale=head['out_bn_scale'], num_classes=num_classes,
       frozen_encoder=frozen_encoder, domain_hidden_dim=domain_hidden_dim,
       dtype=dtype)

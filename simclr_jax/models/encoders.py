@@ -200,7 +200,8 @@ def _resnet_check(m: Any, image_size: int) -> None:
 
 
 def _resnet_describe(kw: dict[str, Any]) -> str:
-  return f'resnet{kw["depth"]}x{kw["width_multiplier"]}'
+  sk = '-sk' if kw.get('sk_ratio', 0) else ''
+  return f'resnet{kw["depth"]}x{kw["width_multiplier"]}{sk}'
 
 
 register(EncoderKind(
@@ -227,7 +228,8 @@ def _vit_kwargs(m: Any, image_size: int) -> dict[str, Any]:
   return dict(width=width, depth=depth, num_heads=heads,
               patch_size=int(v.patch_size), pool=v.pool,
               pos_embed=v.pos_embed,
-              frozen_patch_embed=bool(v.frozen_patch_embed))
+              frozen_patch_embed=bool(v.frozen_patch_embed),
+              remat=bool(v.get('remat', False)))
 
 
 def _vit_check(m: Any, image_size: int) -> None:

@@ -32,7 +32,8 @@ class SimCLRModel(nn.Module):
       first form, which the released-checkpoint importer uses).
     depth, width_multiplier, sk_ratio, cifar_stem, maxpool_padding: That
       ResNet, when `encoder` is None.
-    num_proj_layers, proj_out_dim: The `heads.ProjectionHead`.
+    num_proj_layers, proj_out_dim, proj_hidden_dim, proj_out_bn_scale: The
+      `heads.ProjectionHead` (hidden width 0 = the encoder's).
     num_classes: Output classes of the linear head.
     linear_head: Whether to build the linear head (logits is None otherwise).
     dtype: Computation dtype; parameters and all outputs are float32.
@@ -46,13 +47,17 @@ class SimCLRModel(nn.Module):
   maxpool_padding: str = 'torch'
   num_proj_layers: int = 2
   proj_out_dim: int = 128
+  proj_hidden_dim: int = 0
+  proj_out_bn_scale: bool = True
   num_classes: int = 1000
   linear_head: bool = True
   dtype: Dtype = jnp.float32
   bn_axis_name: str | None = None
   # Method extras (simclr_jax/methods): a BYOL / MoCo v3 predictor MLP on z
-  # (hidden width; 0 = none) and SwAV prototypes (count; 0 = none).
+  # (hidden width; 0 = none; ending in an affine-free BN for MoCo v3's
+  # ViT) and SwAV prototypes (count; 0 = none).
   predictor_hidden_dim: int = 0
+  predictor_out_bn: bool = False
   num_prototypes: int = 0
 
   @nn.compact
@@ -77,6 +82,8 @@ class SimCLRModel(nn.Module):
     z, hiddens = heads.ProjectionHead(
         num_layers=self.num_proj_layers,
         out_dim=self.proj_out_dim,
+        hidden_dim=self.proj_hidden_dim or None,
+        out_bn_scale=self.proj_out_bn_scale,
         dtype=self.dtype,
         bn_axis_name=self.bn_axis_name,
         name='projection_head')(h, train)
@@ -91,7 +98,8 @@ class SimCLRModel(nn.Module):
         logits=logits)
     if self.predictor_hidden_dim:
       p = heads.Predictor(
-          self.predictor_hidden_dim, self.proj_out_dim, dtype=self.dtype,
+          self.predictor_hidden_dim, self.proj_out_dim,
+          out_bn=self.predictor_out_bn, dtype=self.dtype,
           bn_axis_name=self.bn_axis_name, name='predictor')(z, train)
       out['prediction'] = p.astype(jnp.float32)
     if self.num_prototypes:
@@ -123,7 +131,8 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int,
   """Builds the SimCLR model described by `config.model` (see defaults.py).
 
   `method_fields` are the extra parts a method asks for
-  (`Method.model_overrides`: predictor_hidden_dim, num_prototypes).
+  (`Method.model_overrides`: predictor_hidden_dim, predictor_out_bn,
+  num_prototypes).
 
   Raises:
     ValueError: one line naming the bad field and its allowed values.
@@ -136,6 +145,8 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int,
       encoder=encoder,
       num_proj_layers=m.num_proj_layers,
       proj_out_dim=m.proj_out_dim,
+      proj_hidden_dim=heads.head_settings(m)['hidden_dim'] or 0,
+      proj_out_bn_scale=heads.head_settings(m)['out_bn_scale'],
       num_classes=num_classes,
       linear_head=m.linear_eval_while_pretraining,
       dtype=dtype,

@@ -179,6 +179,10 @@ class ViT(nn.Module):
     pool: 'cls' (the class token's output) or 'mean' (the patch tokens'
       mean, then `fc_norm`).
     pos_embed: 'learned' (timm's default) or 'sincos' (fixed, MoCo v3).
+    remat: Recompute each block's activations in the backward pass instead
+      of keeping them (jax.checkpoint): the same numbers for about one more
+      forward pass of compute, keeping only each block's input between the
+      passes, where the accelerator's scheduler honours it.
     frozen_patch_embed: No gradient reaches the patch projection (MoCo v3's
       random, frozen patch projection). The optimiser must also leave it out
       of weight decay for it to stay where it was initialised.
@@ -193,6 +197,7 @@ class ViT(nn.Module):
   pool: str = 'cls'
   pos_embed: str = 'learned'
   frozen_patch_embed: bool = False
+  remat: bool = False
   dtype: Dtype = jnp.float32
   bn_axis_name: str | None = None
 
@@ -231,8 +236,9 @@ class ViT(nn.Module):
     else:
       pos = jnp.asarray(sincos_position_embedding(grid, self.width))[None]
     tokens = tokens + pos.astype(self.dtype)
+    block = nn.remat(Block) if self.remat else Block
     for i in range(self.depth):
-      tokens = Block(self.num_heads, self.dtype, name=f'blocks_{i}')(tokens)
+      tokens = block(self.num_heads, self.dtype, name=f'blocks_{i}')(tokens)
     if self.pool == 'cls':
       h = _layer_norm(self.dtype, 'norm')(tokens)[:, 0]
     else:

@@ -39,6 +39,7 @@ import numpy as np
 
 from simclr_jax import methods
 from simclr_jax import models
+from simclr_jax.models import encoders
 from simclr_jax.config import resolve as config_resolve
 from simclr_jax.config import validation
 from simclr_jax.data import datasets
@@ -304,6 +305,15 @@ def _host_feature_bytes(config: ml_collections.ConfigDict, rows: int,
   return batches * (batch // hosts) * width * 4, True
 
 
+def _step_field(config: ml_collections.ConfigDict, chunk_rows: int) -> str:
+  """The field to change when the train step does not fit: smaller
+  gradient-cache chunks where the method has gradient caching, else the
+  global batch (or more devices for the same batch)."""
+  if chunk_rows > 1 and methods.method_class(config).supports_grad_cache:
+    return 'max_batch_per_device'
+  return 'batch_size'
+
+
 def _stage(name: str, scope: str, nbytes: int, limit: int | None,
            field: str, note: str) -> dict:
   return {'stage': name, 'scope': scope, 'bytes': int(nbytes),
@@ -376,8 +386,7 @@ def preflight(config: ml_collections.ConfigDict, *, devices: int,
   prefetched = int(config.dataset.prefetch) * per_device * example_bytes
   allowance = _loss_allowance(config, per_device, devices,
                               int(config.model.proj_out_dim))
-  step_field = 'max_batch_per_device' if per_device // max(chunks, 1) > 1 \
-      else 'batch_size'
+  step_field = _step_field(config, per_device // max(chunks, 1))
   stages = []
   peak_row, peak = None, -1
   for row in programs:
@@ -447,8 +456,7 @@ def preflight(config: ml_collections.ConfigDict, *, devices: int,
       f'{_fmt(parts["extra"])}'))
 
   plan = {
-      'model': (f'resnet{config.model.depth}x{config.model.width_multiplier}'
-                + ('-sk' if config.model.get('sk_ratio', 0) else '')),
+      'model': encoders.describe(config.model, s),
       'image_size': s, 'compute_dtype': config.model.compute_dtype,
       'devices': devices, 'hosts': hosts,
       'device_memory_gb': device_memory_gb, 'host_memory_gb': host_memory_gb,
