@@ -28,7 +28,7 @@ def _config():
   c.eval.knn_k = 7
   c.eval.knn_temperature = 0.1
   c.eval.monitor_max_examples = 256
-  c.eval.probe_random_init = False
+  c.evals.random_init.enabled = False
   return c
 
 
@@ -48,11 +48,11 @@ def _numpy_knn_accuracy(train_f, train_y, test_f, test_y, k, temperature,
   return correct / len(b)
 
 
-def _every(eval_every_epochs, steps_per_epoch, eval_every_steps=0):
-  c = defaults.base_config()
-  c.eval.eval_every_epochs = float(eval_every_epochs)
-  c.eval.eval_every_steps = eval_every_steps
-  return knn_monitor.interval(c, steps_per_epoch)
+def _every(every_epochs, steps_per_epoch, every_steps=0):
+  knn = defaults.base_config().evals.knn
+  knn.every_epochs = float(every_epochs)
+  knn.every_steps = every_steps
+  return knn_monitor.interval(knn, steps_per_epoch)
 
 
 def test_every_steps():
@@ -65,7 +65,7 @@ def test_every_steps():
 def test_monitor_during_pretraining_matches_numpy_knn(tmp_path):
   c = _config()
   spe = 1437 // 64  # digits train split / batch.
-  c.eval.eval_every_epochs = 2 / spe  # every 2 steps: measured at step 2.
+  c.evals.knn.every_epochs = 2 / spe  # every 2 steps: measured at step 2.
   workdir = str(tmp_path / 'run')
   setup = train.build(c)
   out = train.pretrain(c, workdir, setup)
@@ -80,7 +80,7 @@ def test_monitor_during_pretraining_matches_numpy_knn(tmp_path):
   # features of model.apply on the same (capped) evaluation arrays.
   state = out['state']
   monitor = knn_monitor.KnnMonitor(setup, workdir)
-  measured = monitor.measure(4, state_lib.variables_of(state))
+  measured = monitor.measure(4, state_lib.variables_of(state))['knn_accuracy']
   variables = jax.device_get({'params': state.params,
                               'batch_stats': state.batch_stats})
   train_x, train_y = pipeline.load_eval_arrays(c, 'train', max_examples=256)
