@@ -141,9 +141,10 @@ def evaluate_pixels(train: Labelled, test: Labelled, *,
 
 
 def prefixed(prefix: str, results: dict) -> dict:
-  """results.json names of a baseline's read-outs: `prefix` + the field, with
-  'linear_probe' shortened to 'probe' (random_init_probe_accuracy,
-  pixel_fewshot_probe_accuracy, pixel_knn_accuracy, ...)."""
+  """`evaluate_pixels`' results as a baseline's names: `prefix` + the field,
+  with 'linear_probe' shortened to 'probe' (pixel_probe_accuracy,
+  pixel_fewshot_probe_accuracy, ...), the names the runs' baseline entries
+  write (registry.BASELINE_READOUTS)."""
   return {prefix + k.replace('linear_probe', 'probe'): v
           for k, v in results.items()}
 

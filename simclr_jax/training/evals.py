@@ -137,17 +137,18 @@ def evaluate(setup: Any, variables: dict,
   """
   c = setup.config
   t0 = time.time()
-  results, skipped = {}, {}
+  results, skipped, has_labels = {}, {}, {}
   groups: dict[tuple[str, tuple], list[readout.Entry]] = {}
   for entry in readout.entries(c, setup.steps_per_epoch):
-    if not labelled(setup, entry):
+    if entry.dataset not in has_labels:
+      has_labels[entry.dataset] = labelled(setup, entry)
+    if not has_labels[entry.dataset]:
       skipped.setdefault(entry.dataset, []).append(entry)
       continue
     groups.setdefault((entry.type.features, entry.dataset), []).append(entry)
-  for group in skipped.values():
-    why = skipped_why(group)
-    logging.warning('%s.', why)
-    results['probes_skipped'] = why
+  if skipped:
+    results['probes_skipped'] = '; '.join(map(skipped_why, skipped.values()))
+    logging.warning('%s.', results['probes_skipped'])
   if not groups:
     return results
   # The encoder first, then its baselines, each on its datasets in order.
