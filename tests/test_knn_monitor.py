@@ -1,5 +1,7 @@
 """The kNN monitor runs during pretraining and measures what it should."""
 
+import copy
+import dataclasses
 import json
 import os
 
@@ -91,3 +93,21 @@ def test_monitor_during_pretraining_matches_numpy_knn(tmp_path):
                                  temperature=0.1, num_classes=10)
   assert abs(measured - expected) <= 1 / 256 + 1e-9  # at most one float tie
   assert [h['step'] for h in knn_monitor.read_history(workdir)] == [2, 4]
+
+  # Any read-out of the encoder can run during pretraining, on the same
+  # features: a few-shot entry's numbers go into the history flattened.
+  c = copy.deepcopy(setup.config)
+  c.evals.fewshot_probe.every_steps = 2
+  c.eval.fewshot_shots, c.eval.fewshot_draws = (1,), 1
+  other = str(tmp_path / 'other')
+  os.makedirs(other)
+  monitor = knn_monitor.KnnMonitor(dataclasses.replace(setup, config=c),
+                                   other)
+  assert [e.name for e in monitor.entries] == ['fewshot_probe', 'knn']
+  assert [e.name for e in monitor.due(2, 4)] == ['fewshot_probe', 'knn']
+  assert monitor.due(4, 4) == [] and monitor.due(3, 4) == []
+  both = monitor.measure(2, state_lib.variables_of(state))
+  assert set(both) == {'fewshot_probe_accuracy/1', 'knn_accuracy'}
+  assert both['knn_accuracy'] == measured
+  assert knn_monitor.read_history(other) == [
+      {'step': 2, 'epoch': 2 / spe, **both}]
