@@ -73,7 +73,7 @@ def get_config(arg: str | None = None):
   c.log_every_steps = 20
   c.checkpoint_every_steps = 100
   c.eval.knn_k = 20
-  c.eval.eval_every_epochs = 10  # kNN monitor at epochs 10 and 20.
+  c.evals.knn.every_epochs = 10  # kNN monitor at epochs 10 and 20.
   # Downstream modes on the run above (--config.init_from=ITS_WORKDIR), each
   # a minute or two on 2 idle CPU cores.
   # Few steps (337), so a higher peak LR than the reference's 0.1 x B/256.
@@ -104,7 +104,7 @@ def get_config(arg: str | None = None):
     c.optim.warmup_epochs = 0.1
     c.checkpoint_every_steps = 1
     c.log_every_steps = 1
-    c.eval.probe_random_init = False
+    c.evals.random_init.enabled = False
     c.eval.fewshot_draws = 1
     c.eval.fewshot_shots = (1,)
   if arg == 'validation':

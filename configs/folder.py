@@ -42,6 +42,6 @@ def get_config():
   c.optim.weight_decay = 1e-6
   c.optim.warmup_epochs = 10
   c.eval.knn_k = 20
-  c.eval.eval_every_epochs = 20
+  c.evals.knn.every_epochs = 20  # The kNN monitor.
   c.eval.monitor_max_examples = 10000
   return c

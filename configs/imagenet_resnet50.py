@@ -37,6 +37,6 @@ def get_config():
   c.checkpoint_every_steps = 1000
   c.eval.batch_size = 1024
   c.eval.knn_k = 20
-  c.eval.probe_random_init = False
-  c.eval.probe_pixels = False
+  c.evals.random_init.enabled = False
+  c.evals.pixel.enabled = False
   return c

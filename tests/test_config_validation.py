@@ -72,6 +72,10 @@ BAD = [
     ('debug.inject_nan_at_step', -2, 'must be an integer >= -1'),
     ('finetune.label_fraction', 0.0, 'must be in (0, 1]'),
     ('finetune.label_fraction', 1.5, 'must be in (0, 1]'),
+    ('evals.linear_probe.type', '', 'name a read-out type'),
+    ('evals.knn.every_steps', -1, 'must be an integer >= 0'),
+    ('evals.knn.every_epochs', -2.0, 'must be >= 0'),
+    ('evals.linear_probe.dataset.name', ' ', "'' reads the pretraining"),
 ]
 
 
@@ -88,6 +92,53 @@ def test_bad_value_names_field_value_and_rule(field, value, expected):
   shown = value[-1] if isinstance(value, tuple) else value
   assert repr(shown) in msg or str(shown) in msg, msg
   assert expected in msg, msg
+
+
+def test_an_evals_entry_has_only_its_fields():
+  c = _digits()
+  c.evals.knn.every_step = 3
+  with pytest.raises(ConfigError, match=r'^config.evals.knn.every_step is '
+                     r'not a field of a read-out: use type, enabled, '
+                     r'dataset, every_steps, every_epochs$'):
+    config_validation.validate(c, num_devices=8)
+  c = _digits()
+  c.evals.extra = defaults.eval_entry('probe')
+  c.evals.extra.dataset.split = 'test'
+  with pytest.raises(ConfigError, match=r'^config.evals.extra.dataset.split '
+                     r'is not a dataset field that a read-out can replace'):
+    config_validation.validate(c, num_devices=8)
+  with pytest.raises(ValueError, match='unknown dataset fields'):
+    defaults.eval_entry('probe', split='test')
+
+
+# Checked against the read-out registry when a run is built.
+BAD_READOUTS = [
+    ('evals.linear_probe.type', 'prob', "config.evals.linear_probe.type="
+     "'prob' is invalid: choose one of probe, fewshot, knn, random_init, "
+     'pixels'),
+    ('evals.pixel.every_epochs', 1.0, 'config.evals.pixel.every_epochs=1.0 '
+     "is invalid: the 'pixels' baseline does not change during pretraining"),
+    ('evals.random_init.every_steps', 5, 'config.evals.random_init.'
+     'every_steps=5 is invalid'),
+]
+
+
+@pytest.mark.parametrize('field,value,expected', BAD_READOUTS,
+                         ids=[f'{f}={v!r}' for f, v, _ in BAD_READOUTS])
+def test_bad_readout_type_fails_before_the_run_is_built(field, value,
+                                                        expected):
+  from simclr_jax.evaluation import registry  # pylint: disable=g-import-not-at-top
+  from simclr_jax.training import pretrain  # pylint: disable=g-import-not-at-top
+  c = _digits()
+  _set(c, field, value)
+  config_validation.validate(c, num_devices=8)  # The fields are fine ...
+  with pytest.raises(ConfigError) as e:
+    registry.check(c)  # ... the registry has no such read-out.
+  assert '\n' not in str(e.value) and str(e.value).startswith(expected)
+  with pytest.raises(ConfigError, match='^config.evals'):
+    pretrain.build(c)
+  _set(c, field.rsplit('.', 1)[0] + '.enabled', False)
+  registry.check(c)  # An entry that is off is not read.
 
 
 def test_imagenet_stem_needs_32_pixels():

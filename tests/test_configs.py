@@ -110,7 +110,7 @@ def test_digits_tiny_recipe_is_the_digits_recipe_shrunk():
   assert _changed_fields(full, tiny) == {
       'model.width_multiplier', 'model.proj_out_dim', 'dataset.image_size',
       'batch_size', 'train_steps', 'optim.warmup_epochs',
-      'checkpoint_every_steps', 'log_every_steps', 'eval.probe_random_init',
+      'checkpoint_every_steps', 'log_every_steps', 'evals.random_init',
       'eval.fewshot_draws', 'eval.fewshot_shots'}
   assert (tiny.model.width_multiplier, tiny.dataset.image_size,
           tiny.batch_size, tiny.train_steps) == (0.125, 16, 64, 2)

@@ -130,7 +130,7 @@ def _config():
   c.optim.warmup_epochs = 0.1
   c.log_every_steps = 1
   c.checkpoint_every_steps = 2
-  c.eval.probe_random_init = False
+  c.evals.random_init.enabled = False
   c.deepcluster.update(dict(num_clusters=10, pca_dim=8, kmeans_iterations=5,
                             recluster_every_steps=2, head_learning_rate=0.5))
   return c

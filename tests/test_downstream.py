@@ -42,7 +42,7 @@ def _config(init_from: str = ''):
   c.eval.batch_size = 128
   c.eval.knn_k = 5
   c.eval.fewshot_draws = 1
-  c.eval.probe_random_init = False
+  c.evals.random_init.enabled = False
   c.init_from = init_from
   for section in (c.linear_eval, c.finetune, c.distill):
     section.batch_size = 64

@@ -65,10 +65,13 @@ def test_a_missing_twin_counts_as_zero():
 
 def test_every_duration_of_the_schema_has_both_fields():
   c = defaults.base_config()
-  pairs = [(w, p) for w, p, _ in durations.FIELDS] + list(METHOD_DURATIONS)
-  assert len(pairs) == 7
+  pairs = ([(w, p) for w, p, _ in durations.FIELDS] + list(METHOD_DURATIONS)
+           + [(f'evals.{name}', 'every') for name in c.evals])
+  assert len(pairs) == 6 + 5  # And each read-out's interval.
   for where, prefix in pairs:
-    section = c[where] if where else c
+    section = c
+    for part in filter(None, where.split('.')):
+      section = section[part]
     assert isinstance(section[f'{prefix}_steps'], int), (where, prefix)
     assert isinstance(section[f'{prefix}_epochs'], float), (where, prefix)
 
@@ -78,7 +81,7 @@ def test_the_defaults_keep_their_old_durations():
   c = defaults.base_config()
   assert durations.steps(c, 'log_every', 22) == 50
   assert durations.steps(c, 'checkpoint_every', 22) == 500
-  assert durations.steps(c.eval, 'eval_every', 22) == 0
+  assert durations.steps(c.evals.knn, 'every', 22) == 0
   assert durations.steps(c.optim, 'warmup', 22) == 220
   assert durations.steps(c.swav, 'queue_start', 22) == 15 * 22
   assert durations.steps(c.swav, 'freeze_prototypes', 22) == 313
@@ -91,7 +94,7 @@ BAD = [
      'must be >= 0'),
     ('checkpoint_every_steps', -1, 'config.checkpoint_every_steps=-1 is '
      'invalid: must be an integer >= 0'),
-    ('eval.eval_every_steps', -3, 'config.eval.eval_every_steps=-3 is '
+    ('evals.knn.every_steps', -3, 'config.evals.knn.every_steps=-3 is '
      'invalid: must be an integer >= 0'),
     ('optim.warmup_steps', -7, 'config.optim.warmup_steps=-7 is invalid'),
     ('optim.warmup_epochs', math.nan, 'config.optim.warmup_epochs=nan'),
@@ -174,14 +177,15 @@ def test_optimiser_warmup_in_steps_or_in_epochs():
 
 def test_knn_monitor_interval_in_steps_or_in_epochs():
   c = defaults.base_config()
-  assert knn_monitor.interval(c, 22) == 0  # Off by default.
-  c.eval.eval_every_steps = 3
-  c.eval.eval_every_epochs = 5.0  # The steps win.
-  assert knn_monitor.interval(c, 22) == 3
-  c.eval.eval_every_steps = 0
-  assert knn_monitor.interval(c, 22) == 110
-  c.eval.eval_every_epochs, c.eval.eval_every_steps = 0.0, 4
-  assert knn_monitor.interval(c, 22) == 4
+  knn = c.evals.knn
+  assert knn_monitor.interval(knn, 22) == 0  # Off by default.
+  knn.every_steps = 3
+  knn.every_epochs = 5.0  # The steps win.
+  assert knn_monitor.interval(knn, 22) == 3
+  knn.every_steps = 0
+  assert knn_monitor.interval(knn, 22) == 110
+  knn.every_epochs, knn.every_steps = 0.0, 4
+  assert knn_monitor.interval(knn, 22) == 4
 
 
 def test_swav_and_deepcluster_read_both_forms():
@@ -222,10 +226,10 @@ def test_pretraining_loop_honours_the_twin_fields(tmp_path):
   spe = 1437 // 64
   c.log_every_steps, c.log_every_epochs = 0, 2 / spe  # Every 2 steps.
   c.checkpoint_every_steps = 4
-  c.eval.eval_every_steps = 2
+  c.evals.knn.every_steps = 2
   c.eval.knn_k = 7
   c.eval.monitor_max_examples = 128
-  c.eval.probe_random_init = False
+  c.evals.random_init.enabled = False
   workdir = str(tmp_path / 'run')
   setup = train.build(c)
   spec = train.loop_spec(setup, workdir)

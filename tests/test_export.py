@@ -182,7 +182,7 @@ def _tiny_run_config():
   c.optim.warmup_epochs = 0.0
   c.log_every_steps = 1
   c.checkpoint_every_steps = 1
-  c.eval.probe_random_init = False
+  c.evals.random_init.enabled = False
   return c
 
 

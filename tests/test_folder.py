@@ -6,6 +6,7 @@ corrupt file. Expected values come from the files themselves (the arrays
 written, TensorFlow's own decode), never from the reader under test.
 """
 
+import json
 import logging
 import os
 import types
@@ -26,6 +27,7 @@ from simclr_jax.data import folder  # pylint: disable=g-import-not-at-top
 from simclr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 from simclr_jax.runtime import parallel  # pylint: disable=g-import-not-at-top
 from simclr_jax.tools import prepare_data  # pylint: disable=g-import-not-at-top
+from simclr_jax.training import evals  # pylint: disable=g-import-not-at-top
 from simclr_jax.training import pretrain  # pylint: disable=g-import-not-at-top
 
 CLASSES = ('cat', 'dog', 'eel')
@@ -282,19 +284,28 @@ def test_unlabelled_folder_run_skips_probes_and_can_probe_elsewhere(
   c.model.width_multiplier = 0.125
   c.model.proj_out_dim = 16
   c.optim.warmup_epochs = 0.0
-  c.eval.probe_random_init = False
-  c.eval.probe_pixels = False
+  c.evals.random_init.enabled = False
+  c.evals.pixel.enabled = False
   c.eval.knn_k = 3
   c.eval.fewshot_shots = (1,)
   c.eval.fewshot_draws = 1
+  # A probe of the labelled folder is one more entry.
+  c.evals.labelled_probe = defaults.eval_entry('probe', name='folder',
+                                               folder=labelled)
   with caplog.at_level(logging.WARNING):
     results = main.run_pretrain(c, str(tmp_path / 'run'))
   assert results['steps'] == 1 and not results['interrupted']
   assert 'probes skipped' in results['probes_skipped']
   assert 'linear_probe_accuracy' not in results
   assert 'probes skipped' in caplog.text
-  # The same encoder read out on the labelled folder (config.eval.dataset).
-  c.eval.dataset.update(dict(name='folder', folder=labelled))
+  with open(tmp_path / 'run' / 'results.json') as f:
+    written = json.load(f)
+  assert 0.0 <= written['labelled_probe_accuracy'] <= 1.0
+  assert written['labelled_probe_train_examples'] > 0
+  # The same encoder read out on the labelled folder: each entry's dataset.
+  del c.evals['labelled_probe']
+  for name in ('linear_probe', 'fewshot_probe', 'knn'):
+    c.evals[name].dataset.update(dict(name='folder', folder=labelled))
   setup = pretrain.build(c)
   out = pretrain.evaluate_encoder(setup, pretrain.initial_state(setup))
   assert 'probes_skipped' not in out
@@ -335,7 +346,7 @@ def test_bn_batches_of_a_class_sorted_folder_are_seeded_shuffles(
   np.testing.assert_array_equal(ordered, np.arange(n))  # Class by class.
 
   def bn_rows(seed):
-    return np.stack([_rows(x) for x in pretrain._cycled_batches(
+    return np.stack([_rows(x) for x in evals._cycled_batches(
         c, 'train', 32, 10, seed=seed)])
 
   rows = bn_rows(0)
@@ -368,10 +379,10 @@ def test_random_init_bn_statistics_come_from_the_shuffled_batches(
                          train=False)
   setup = types.SimpleNamespace(config=c, model=model,
                                 mesh=parallel.make_mesh())
-  out = pretrain.recalibrate_batch_stats(setup, variables, batches=5)
+  out = evals.recalibrate_batch_stats(setup, variables, batches=5)
   # NumPy: BN's running averages over the batches the seed gives.
   mean, var = np.zeros(3), np.ones(3)
-  for x in pretrain._cycled_batches(c, 'train', 24, 5, seed=c.seed):
+  for x in evals._cycled_batches(c, 'train', 24, 5, seed=c.seed):
     assert len(set(_rows(x) // _PER_CLASS)) >= 5
     x = x.astype(np.float64)
     mean = 0.9 * mean + 0.1 * x.mean(axis=(0, 1, 2))

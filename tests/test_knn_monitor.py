@@ -1,5 +1,7 @@
 """The kNN monitor runs during pretraining and measures what it should."""
 
+import copy
+import dataclasses
 import json
 import os
 
@@ -28,7 +30,7 @@ def _config():
   c.eval.knn_k = 7
   c.eval.knn_temperature = 0.1
   c.eval.monitor_max_examples = 256
-  c.eval.probe_random_init = False
+  c.evals.random_init.enabled = False
   return c
 
 
@@ -48,11 +50,11 @@ def _numpy_knn_accuracy(train_f, train_y, test_f, test_y, k, temperature,
   return correct / len(b)
 
 
-def _every(eval_every_epochs, steps_per_epoch, eval_every_steps=0):
-  c = defaults.base_config()
-  c.eval.eval_every_epochs = float(eval_every_epochs)
-  c.eval.eval_every_steps = eval_every_steps
-  return knn_monitor.interval(c, steps_per_epoch)
+def _every(every_epochs, steps_per_epoch, every_steps=0):
+  knn = defaults.base_config().evals.knn
+  knn.every_epochs = float(every_epochs)
+  knn.every_steps = every_steps
+  return knn_monitor.interval(knn, steps_per_epoch)
 
 
 def test_every_steps():
@@ -65,7 +67,7 @@ def test_every_steps():
 def test_monitor_during_pretraining_matches_numpy_knn(tmp_path):
   c = _config()
   spe = 1437 // 64  # digits train split / batch.
-  c.eval.eval_every_epochs = 2 / spe  # every 2 steps: measured at step 2.
+  c.evals.knn.every_epochs = 2 / spe  # every 2 steps: measured at step 2.
   workdir = str(tmp_path / 'run')
   setup = train.build(c)
   out = train.pretrain(c, workdir, setup)
@@ -80,7 +82,7 @@ def test_monitor_during_pretraining_matches_numpy_knn(tmp_path):
   # features of model.apply on the same (capped) evaluation arrays.
   state = out['state']
   monitor = knn_monitor.KnnMonitor(setup, workdir)
-  measured = monitor.measure(4, state_lib.variables_of(state))
+  measured = monitor.measure(4, state_lib.variables_of(state))['knn_accuracy']
   variables = jax.device_get({'params': state.params,
                               'batch_stats': state.batch_stats})
   train_x, train_y = pipeline.load_eval_arrays(c, 'train', max_examples=256)
@@ -91,3 +93,21 @@ def test_monitor_during_pretraining_matches_numpy_knn(tmp_path):
                                  temperature=0.1, num_classes=10)
   assert abs(measured - expected) <= 1 / 256 + 1e-9  # at most one float tie
   assert [h['step'] for h in knn_monitor.read_history(workdir)] == [2, 4]
+
+  # Any read-out of the encoder can run during pretraining, on the same
+  # features: a few-shot entry's numbers go into the history flattened.
+  c = copy.deepcopy(setup.config)
+  c.evals.fewshot_probe.every_steps = 2
+  c.eval.fewshot_shots, c.eval.fewshot_draws = (1,), 1
+  other = str(tmp_path / 'other')
+  os.makedirs(other)
+  monitor = knn_monitor.KnnMonitor(dataclasses.replace(setup, config=c),
+                                   other)
+  assert [e.name for e in monitor.entries] == ['fewshot_probe', 'knn']
+  assert [e.name for e in monitor.due(2, 4)] == ['fewshot_probe', 'knn']
+  assert monitor.due(4, 4) == [] and monitor.due(3, 4) == []
+  both = monitor.measure(2, state_lib.variables_of(state))
+  assert set(both) == {'fewshot_probe_accuracy/1', 'knn_accuracy'}
+  assert both['knn_accuracy'] == measured
+  assert knn_monitor.read_history(other) == [
+      {'step': 2, 'epoch': 2 / spe, **both}]

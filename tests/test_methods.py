@@ -41,7 +41,7 @@ def _config(method: str):
   c.loss.temperature = 0.2
   c.log_every_steps = 1
   c.checkpoint_every_steps = 2
-  c.eval.probe_random_init = False
+  c.evals.random_init.enabled = False
   c.moco_v2.queue_size = 4 * N
   c.moco_v2.momentum = 0.9
   c.moco_v3.predictor_hidden_dim = 16

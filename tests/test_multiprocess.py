@@ -42,7 +42,7 @@ OVERRIDES = {
     'checkpoint_every_steps': 3,
     'eval.fewshot_draws': 2,
     'eval.fewshot_shots': (1, 5),
-    'eval.probe_pixels': False,
+    'evals.pixel.enabled': False,
     # The tolerances below were measured with the reference augmentation
     # and T 0.2. The digits recipe's gentler crop and T 0.1 amplify rounding
     # further over 3 steps (measured: 1.4e-3 in a parameter, 2.2e-5 in the

@@ -24,7 +24,7 @@ def _config():
   c.optim.warmup_epochs = 0.1
   c.log_every_steps = 1
   c.checkpoint_every_steps = 2
-  c.eval.probe_random_init = False
+  c.evals.random_init.enabled = False
   return c
 
 

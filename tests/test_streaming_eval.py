@@ -15,7 +15,9 @@ from simclr_jax.config import defaults
 from simclr_jax.evaluation import features as features_lib
 from simclr_jax.data import pipeline
 from simclr_jax.evaluation import readout
+from simclr_jax.evaluation import registry
 from simclr_jax.runtime import parallel
+from simclr_jax.training import evals
 from simclr_jax.training import pretrain
 from simclr_jax.training import state as state_lib
 
@@ -250,8 +252,53 @@ def test_evaluate_encoder_reads_one_batch_at_a_time(digits_setup,
   assert results['pixel_test_examples'] == 360
   assert results['probe_train_examples'] == 1437
   assert results['probe_test_examples'] == 360
-  assert results['random_init_bn_batches'] == pretrain.RANDOM_INIT_BN_BATCHES
+  assert results['random_init_bn_batches'] == evals.RANDOM_INIT_BN_BATCHES
   assert results['random_init_bn_shuffle_seed'] == setup.config.seed
   for key in ('linear_probe_accuracy', 'knn_accuracy',
               'random_init_probe_accuracy', 'pixel_knn_accuracy'):
     assert 0.0 <= results[key] <= 1.0, key
+
+
+def test_a_new_readout_and_a_second_dataset_are_one_entry_each(monkeypatch):
+  """A read-out type registered outside the training code, and a probe on
+  another split of digits: one config.evals entry each, results named by
+  entry, and each dataset featurised once whatever reads it."""
+
+  def mean_norm(train, test, ctx):
+    del train, ctx
+    return {'mean': float(np.linalg.norm(np.asarray(test[0]), axis=1).mean())}
+
+  monkeypatch.setitem(registry.TYPES, 'norm', registry.ReadoutType(mean_norm))
+  c = _digits_config()
+  c.evals.random_init.enabled = False
+  c.evals.pixel.enabled = False
+  c.evals.feature_norm = defaults.eval_entry('norm')
+  c.evals.half_probe = defaults.eval_entry('probe', train_split='train[:700]')
+  read = []
+  inner = readout.featurize_split
+
+  def counted(apply, variables, config, split, **kw):
+    read.append((config.dataset.train_split, split))
+    return inner(apply, variables, config, split, **kw)
+
+  monkeypatch.setattr(readout, 'featurize_split', counted)
+  setup = pretrain.build(c)
+  state = pretrain.initial_state(setup)
+  results = pretrain.evaluate_encoder(setup, state)
+  assert sorted(read) == [('train', 'test'), ('train', 'train'),
+                          ('train[:700]', 'test'),
+                          ('train[:700]', 'train[:700]')]
+  assert results['probe_train_examples'] == 1437
+  assert results['half_probe_train_examples'] == 700
+  assert results['half_probe_test_examples'] == 360
+  assert 0.0 <= results['half_probe_accuracy'] <= 1.0
+  assert results['half_probe_c'] > 0
+  for key in ('linear_probe_accuracy', 'linear_probe_c',
+              'fewshot_probe_accuracy', 'knn_accuracy'):
+    assert key in results, key
+  assert not any(k.startswith(('random_init', 'pixel')) for k in results)
+  test, _ = inner(readout.feature_fn(setup.model),
+                  state_lib.variables_of(state), setup.config, 'test',
+                  batch_size=64, mesh=setup.mesh)
+  assert results['feature_norm_mean'] == pytest.approx(
+      np.linalg.norm(test, axis=1).mean(), rel=1e-6)

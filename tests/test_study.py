@@ -328,7 +328,7 @@ def test_a_real_two_point_study_runs_through_the_main_command(tmp_path):
        '--max_batch_per_device=4',
        # The tiny run at the recipe's log and checkpoint intervals.
        '--config.log_every_steps=20', '--config.checkpoint_every_steps=100',
-       '--config.eval.probe_pixels=False', '--config.eval.eval_every_epochs=0'],
+       '--config.evals.pixel.enabled=False', '--config.evals.knn.every_epochs=0'],
       capture_output=True, text=True, cwd=ROOT, timeout=600,
       env=dict(os.environ,
                XLA_FLAGS=xla_flags()))

@@ -16,6 +16,35 @@ import ml_collections
 from simclr_jax.data import fashion_mnist
 
 
+# The fields of config.dataset an evals entry's `dataset` may replace; ''
+# keeps the pretraining dataset's value.
+EVAL_DATASET_FIELDS = ('name', 'folder', 'data_dir', 'train_split',
+                       'eval_split')
+
+
+def eval_entry(kind: str, *, enabled: bool = True, every_steps: int = 0,
+               every_epochs: float = 0.0,
+               **dataset: str) -> ml_collections.ConfigDict:
+  """One config.evals entry, every field present so that the command line
+  can set any of them.
+
+  kind: a read-out type (evaluation/registry.TYPES). dataset: fields of
+  EVAL_DATASET_FIELDS replacing config.dataset's, e.g. another split or a
+  labelled dataset for an encoder pretrained on unlabelled images.
+  every_steps / every_epochs: both 0 runs the entry at the end of the run
+  only; otherwise also during pretraining at that interval (the kNN
+  monitor), on at most eval.monitor_max_examples images per split.
+  """
+  fields = {f: dataset.pop(f, '') for f in EVAL_DATASET_FIELDS}
+  if dataset:
+    raise ValueError(f'unknown dataset fields {sorted(dataset)}: use '
+                     f'{", ".join(EVAL_DATASET_FIELDS)}')
+  return ml_collections.ConfigDict(dict(
+      type=kind, enabled=enabled, every_steps=every_steps,
+      every_epochs=float(every_epochs),
+      dataset=ml_collections.ConfigDict(fields)))
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Returns the full config schema with reference defaults."""
   c = ml_collections.ConfigDict()
@@ -198,14 +227,13 @@ def base_config() -> ml_collections.ConfigDict:
   # results.json (knn_predictions), to compare two runs example by example.
   c.debug.record_knn_predictions = False
 
+  # Settings every read-out shares; which read-outs run is config.evals.
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 512
   c.eval.knn_k = 200
   c.eval.knn_temperature = 0.1
-  # kNN monitor during pretraining; both 0 = only at the end.
-  c.eval.eval_every_epochs = 0.0
-  c.eval.eval_every_steps = 0
-  c.eval.monitor_max_examples = 0  # Cap per split for the monitor; 0 = all.
+  # Cap per split for the read-outs during pretraining; 0 = all.
+  c.eval.monitor_max_examples = 0
   c.eval.fewshot_shots = (1, 5, 10)
   c.eval.fewshot_draws = 10
   # Bytes of a split's (n x d float32) features up to which they are
@@ -215,15 +243,6 @@ def base_config() -> ml_collections.ConfigDict:
   # CIFAR's and ImageNet's validation features whole
   # (evaluation/features.py GATHER_MAX_BYTES).
   c.eval.feature_gather_max_bytes = 2 ** 30
-  # Probe and kNN on another dataset than the pretraining one (e.g. labelled
-  # images after pretraining on unlabelled ones): fields set here replace
-  # config.dataset's; name '' = the pretraining dataset.
-  c.eval.dataset = ml_collections.ConfigDict(dict(
-      name='', folder='', data_dir='', train_split='', eval_split=''))
-  c.eval.probe_random_init = True  # Also probe the same architecture at random init.
-  # Also read out the raw pixels (flattened eval images) the same three ways:
-  # the baseline a representation has to beat. Off for ImageNet-size images.
-  c.eval.probe_pixels = True
   # Images per split the pixel baseline reads at most; 0 = the whole split,
   # the images the encoder is read out on, so the comparison is fair (a
   # grey dataset's pixels, each read once, are 188 MB for Fashion-MNIST's
@@ -231,6 +250,21 @@ def base_config() -> ml_collections.ConfigDict:
   # whose flattened pixels would not fit (results.json records
   # pixel_train_examples beside the encoder's probe_train_examples).
   c.eval.pixel_max_examples = 0
+
+  # The read-outs of the run, as big_vision's config.evals: entry name ->
+  # what to read out (`type`, evaluation/registry.py), on which dataset and
+  # when (eval_entry below). Their results.json keys start with the entry's
+  # name. The defaults: the pretrained encoder three ways, and the same three
+  # read-outs of the network at random init and of the raw pixels, the
+  # baselines a representation has to beat (off in the ImageNet recipes).
+  # `enabled=False` turns an entry off (from the command line too:
+  # --config.evals.pixel.enabled=False).
+  c.evals = ml_collections.ConfigDict()
+  c.evals.linear_probe = eval_entry('probe')
+  c.evals.fewshot_probe = eval_entry('fewshot')
+  c.evals.knn = eval_entry('knn')
+  c.evals.random_init = eval_entry('random_init')
+  c.evals.pixel = eval_entry('pixels')
 
   # Downstream modes (simclr_jax/downstream/;
   # docs/algorithms.md#evaluation-protocols). Every section trains with momentum SGD, peak LR = learning_rate * B/256 ('linear') or

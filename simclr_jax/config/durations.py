@@ -6,8 +6,10 @@ otherwise `round({prefix}_epochs * steps_per_epoch)`, and both 0 is 0 (off).
 The rule itself lives in runtime/durations.py, below the methods and the
 optimiser that read it too; this module re-exports it and lists the
 durations of the schema's shared sections, so validation checks them all one
-way. A method section's durations (swav.queue_start, swav.freeze_prototypes,
-deepcluster.recluster_every) are checked by the method that owns the section.
+way. A read-out's interval (config.evals.<entry>.every) is checked with
+its entry (config/validation.py); a method section's durations
+(swav.queue_start, swav.freeze_prototypes, deepcluster.recluster_every) are
+checked by the method that owns the section.
 """
 
 import ml_collections
@@ -21,7 +23,6 @@ from simclr_jax.runtime.durations import steps
 FIELDS = (
     ('', 'log_every', False),
     ('', 'checkpoint_every', False),
-    ('eval', 'eval_every', True),  # The kNN monitor; off = only at the end.
     ('optim', 'warmup', True),
 )
 

@@ -2,8 +2,8 @@
 
 A recipe says what the user wants; a few fields can only be settled against
 the dataset and the devices: the evaluation split a dataset really has (or a
-held-out part of its train split), the splits of a separate probe dataset
-(config.eval.dataset), and the gradient-caching chunk count that
+held-out part of its train split), the splits of the datasets read-outs
+read instead of it (config.evals.<entry>.dataset), and the gradient-caching chunk count that
 `max_batch_per_device` asks for. `resolve` computes them once, on a copy,
 logs every change, and the run records the result (the workdir's
 config.json), so nothing patches the config in place later.
@@ -88,10 +88,10 @@ def resolve(config: ml_collections.ConfigDict, *, num_devices: int,
   if mode != 'export':
     d = out.dataset
     d.train_split, d.eval_split = datasets.resolved_splits(out)
-    probe = out.eval.get('dataset', None)
-    if probe is not None and probe.get('name', ''):
-      ec = datasets.evaluation_config(out)
-      probe.train_split = ec.dataset.train_split
-      probe.eval_split = ec.dataset.eval_split
+    for entry in out.evals.values():
+      if entry.get('enabled', True) and datasets.overridden(entry.dataset):
+        ec = datasets.with_overrides(out, entry.dataset, resolve_splits=True)
+        entry.dataset.train_split = ec.dataset.train_split
+        entry.dataset.eval_split = ec.dataset.eval_split
   _RESOLVED[id(out)] = out
   return out

@@ -108,6 +108,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
   checks.integer('eval.fewshot_draws', config.eval.fewshot_draws, 1)
   for shots in config.eval.fewshot_shots:
     checks.integer('eval.fewshot_shots', shots, 1)
+  _validate_evals(config)
   finetune = config.get('finetune')
   if finetune is not None and 'label_fraction' in finetune:
     if not 0.0 < finetune.label_fraction <= 1.0:  # Also rejects NaN.
@@ -150,6 +151,51 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
         f'batch must be a multiple of chunks x devices = '
         f'{chunks * num_devices}')
   _validate_method(config)
+
+
+# The fields of a config.evals entry (defaults.eval_entry).
+_EVAL_ENTRY_FIELDS = ('type', 'enabled', 'dataset', 'every_steps',
+                      'every_epochs')
+
+
+def _validate_evals(config: ml_collections.ConfigDict) -> None:
+  """Each config.evals entry: its fields, interval and dataset override.
+
+  Whether its type names a read-out is checked against the registry,
+  above this layer (evaluation/registry.check, when a run is built).
+  """
+  from simclr_jax.config import defaults  # pylint: disable=g-import-not-at-top
+  for name, entry in config.get('evals', {}).items():
+    where = f'evals.{name}'
+    if not isinstance(entry, ml_collections.ConfigDict):
+      raise ConfigError(f'config.{where}={entry!r} is invalid: an entry is '
+                        'a ConfigDict (config/defaults.eval_entry)')
+    for field in entry:
+      if field not in _EVAL_ENTRY_FIELDS:
+        raise ConfigError(f'config.{where}.{field} is not a field of a '
+                          f'read-out: use {", ".join(_EVAL_ENTRY_FIELDS)}')
+    kind = entry.get('type', None)
+    if not isinstance(kind, str) or not kind:
+      raise ConfigError(f'config.{where}.type={kind!r} is invalid: name a '
+                        'read-out type (evaluation/registry.py)')
+    if not isinstance(entry.get('enabled', True), bool):
+      raise ConfigError(f'config.{where}.enabled={entry.enabled!r} is '
+                        'invalid: must be True or False')
+    durations.check(entry, 'every', where)
+    for field, value in entry.get('dataset', {}).items():
+      if field not in defaults.EVAL_DATASET_FIELDS:
+        raise ConfigError(
+            f'config.{where}.dataset.{field} is not a dataset field that a '
+            f'read-out can replace: use '
+            f'{", ".join(defaults.EVAL_DATASET_FIELDS)}')
+      if value is not None and not isinstance(value, str):
+        raise ConfigError(f'config.{where}.dataset.{field}={value!r} is '
+                          "invalid: must be a string ('' = the pretraining "
+                          "dataset's)")
+      if field == 'name' and value and not value.strip():
+        raise ConfigError(f'config.{where}.dataset.name={value!r} is '
+                          "invalid: '' reads the pretraining dataset, else "
+                          'a dataset name as config.dataset.name takes')
 
 
 def _validate_method(config: ml_collections.ConfigDict) -> None:

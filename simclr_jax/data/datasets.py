@@ -19,7 +19,7 @@ the config and the dataset's metadata, computed once by config/resolve.py.
 """
 
 import copy
-from typing import Callable
+from typing import Callable, Mapping
 
 from absl import logging
 import ml_collections
@@ -80,7 +80,8 @@ _HELD_OUT_PERCENT = 10
 
 __all__ = ['DataSource', 'DatasetError', 'DatasetInfo', 'import_tf',
            'import_tfds', 'raw_size', 'source_for', 'dataset_info',
-           'check_name', 'resolved_splits', 'evaluation_config', 'with_name']
+           'check_name', 'resolved_splits', 'with_overrides', 'overridden',
+           'with_name']
 
 with_name = in_memory.with_name
 
@@ -166,22 +167,30 @@ def resolved_splits(config: ml_collections.ConfigDict,
       f'splits: {splits}; set config.dataset.eval_split.')
 
 
-def evaluation_config(config: ml_collections.ConfigDict
-                      ) -> ml_collections.ConfigDict:
-  """The config whose dataset the probes and the kNN monitor read.
+def with_overrides(config: ml_collections.ConfigDict, overrides: Mapping,
+                   *, resolve_splits: bool = False
+                   ) -> ml_collections.ConfigDict:
+  """A copy of `config` reading another dataset: the one way to name one.
 
-  The pretraining dataset, unless config.eval.dataset names another (for
-  example labelled images to probe an encoder pretrained on unlabelled
-  ones); its empty fields keep the pretraining dataset's values, and its
-  splits are resolved as the pretraining dataset's are.
+  `overrides` holds fields of config.dataset (name, folder, data_dir,
+  train_split, eval_split); its empty values keep config.dataset's. A
+  config.evals entry's `dataset` (a labelled dataset to probe an encoder
+  pretrained on unlabelled images, another split), the target of adapt and
+  of embed all go through here. With resolve_splits, the splits are
+  settled as the pretraining dataset's are (`resolved_splits`).
   """
-  override = config.eval.get('dataset', None)
-  if override is None or not override.get('name', ''):
-    return config
   out = copy.deepcopy(config)
   with out.unlocked():
-    for key, value in override.items():
+    for key, value in overrides.items():
       if value not in ('', None):
         out.dataset[key] = value
-  out.dataset.train_split, out.dataset.eval_split = resolved_splits(out)
+  if resolve_splits:
+    out.dataset.train_split, out.dataset.eval_split = resolved_splits(out)
   return out
+
+
+def overridden(overrides: Mapping | None) -> tuple[tuple[str, str], ...]:
+  """The fields `overrides` sets, sorted: () for the pretraining dataset.
+  Two read-outs with the same ones read the same data."""
+  return tuple(sorted((k, str(v)) for k, v in (overrides or {}).items()
+                      if v not in ('', None)))

@@ -68,16 +68,18 @@ def parse_method(method: str) -> tuple[bool, str]:
   return contrastive, kind
 
 
+def target_dataset(config: ml_collections.ConfigDict) -> dict[str, str]:
+  """The target domain as fields replacing config.dataset's."""
+  a = config.adapt
+  return {'name': a.target, 'data_dir': a.target_data_dir,
+          'train_split': a.target_train_split,
+          'eval_split': a.target_eval_split}
+
+
 def target_config(config: ml_collections.ConfigDict
                   ) -> ml_collections.ConfigDict:
   """The config whose dataset is the target domain (same image sizes)."""
-  a = config.adapt
-  out = copy.deepcopy(config)
-  out.dataset.name = a.target
-  out.dataset.data_dir = a.target_data_dir or config.dataset.data_dir
-  out.dataset.train_split = a.target_train_split
-  out.dataset.eval_split = a.target_eval_split
-  return out
+  return datasets.with_overrides(config, target_dataset(config))
 
 
 def domain_arrays(config: ml_collections.ConfigDict
@@ -146,7 +148,8 @@ def _contrastive_phase(config: ml_collections.ConfigDict, workdir: str,
   # steps (as it fixes pretraining's; tests and smoke runs).
   c.num_epochs = int(a.contrastive_epochs)
   c.optim.warmup_epochs = min(c.optim.warmup_epochs, c.num_epochs)
-  c.eval.eval_every_epochs, c.eval.eval_every_steps = 0.0, 0  # Monitor off.
+  for entry in c.evals.values():  # No read-outs during this phase.
+    entry.every_steps, entry.every_epochs = 0, 0.0
   sub = os.path.join(workdir, 'contrastive')
   setup = pretrain.build(c)
   pretrain.prepare_workdir(sub)

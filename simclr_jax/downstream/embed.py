@@ -4,7 +4,6 @@ With embed.target, the test splits of both domains of an adaptation, side
 by side coloured by domain and by class, so the alignment can be seen.
 """
 
-import copy
 import io
 import os
 import time
@@ -15,6 +14,7 @@ import numpy as np
 from etils import epath
 
 from simclr_jax.config import downstream as dcfg
+from simclr_jax.data import datasets
 from simclr_jax.data import pipeline
 from simclr_jax.downstream import common
 from simclr_jax.evaluation import features as features_lib
@@ -40,9 +40,8 @@ def run_embed(config: ml_collections.ConfigDict, workdir: str) -> dict:
   configs = [config]
   if e.target:
     from simclr_jax.downstream import adapt  # pylint: disable=g-import-not-at-top
-    target = copy.deepcopy(config)
-    target.adapt.target = e.target
-    configs.append(adapt.target_config(target))
+    configs.append(datasets.with_overrides(
+        config, {**adapt.target_dataset(config), 'name': e.target}))
   feats, labels, domains = [], [], []
   for domain, c in enumerate(configs):
     for x, y in pipeline.eval_batches(c, c.dataset.eval_split,

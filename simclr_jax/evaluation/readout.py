@@ -1,9 +1,10 @@
 """Featurise a train and a test split with a frozen network, then read out.
 
 The one path from (network, variables, split) to the probe/few-shot/kNN
-numbers: the main job's evaluation (pretrained and random-init encoder), the
-kNN monitor during pretraining and linear_eval's fast probes all use it, so
-the same images always go through the same extraction.
+numbers: the read-outs config.evals declares (at the end of pretraining and,
+as the kNN monitor, during it) and linear_eval's fast probes all use it, so
+the same images always go through the same extraction. `entries` reads
+config.evals.
 
 Splits are read as a stream of bounded chunks (data.pipeline.eval_batches)
 and only their features are kept: host memory grows with the features of a
@@ -13,6 +14,7 @@ spread over the hosts, each holding its own rows, and the kNN and the probes
 read them from there (features.ShardedFeatures).
 """
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -21,10 +23,10 @@ import ml_collections
 import numpy as np
 
 from simclr_jax.evaluation import features as features_lib
-from simclr_jax.evaluation import knn as knn_lib
+from simclr_jax.evaluation import registry
+from simclr_jax.runtime import durations
 
-# (features or images, labels); features may be ShardedFeatures.
-Labelled = tuple[np.ndarray | features_lib.ShardedFeatures, np.ndarray]
+Labelled = registry.Labelled
 
 
 def feature_fn(model: Any, output: str = 'features') -> Callable:
@@ -139,18 +141,43 @@ def evaluate_pixels(train: Labelled, test: Labelled, *,
 
 
 def prefixed(prefix: str, results: dict) -> dict:
-  """results.json names of a baseline's read-outs: `prefix` + the field, with
-  'linear_probe' shortened to 'probe' (random_init_probe_accuracy,
-  pixel_fewshot_probe_accuracy, pixel_knn_accuracy, ...)."""
+  """`evaluate_pixels`' results as a baseline's names: `prefix` + the field,
+  with 'linear_probe' shortened to 'probe' (pixel_probe_accuracy,
+  pixel_fewshot_probe_accuracy, ...), the names the runs' baseline entries
+  write (registry.BASELINE_READOUTS)."""
   return {prefix + k.replace('linear_probe', 'probe'): v
           for k, v in results.items()}
 
 
-def knn_frozen(train: Labelled, test: Labelled, *,
-               eval_config: ml_collections.ConfigDict, num_classes: int,
-               mesh: Any) -> float:
-  """kNN top-1 of frozen (features, labels) (the pretraining monitor)."""
-  return float(np.asarray(knn_lib.knn_accuracy(
-      train[0], train[1], test[0], test[1], num_classes=num_classes,
-      k=eval_config.knn_k, temperature=eval_config.knn_temperature,
-      mesh=mesh)))
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """A config.evals entry as the run reads it.
+
+  config: the run's config with the entry's dataset (its `dataset` fields
+  replacing config.dataset's, splits resolved). dataset: the fields it
+  overrides (() = the pretraining dataset); entries with the same ones
+  share their features. every: steps between its measurements during
+  pretraining, 0 = at the end of the run only.
+  """
+  name: str
+  type: registry.ReadoutType
+  config: ml_collections.ConfigDict
+  dataset: tuple[tuple[str, str], ...]
+  every: int
+
+
+def entries(config: ml_collections.ConfigDict, steps_per_epoch: float, *,
+            periodic: bool = False) -> list[Entry]:
+  """The enabled entries of config.evals (periodic: only those with an
+  interval), each with the config of the dataset it reads."""
+  from simclr_jax.data import datasets  # pylint: disable=g-import-not-at-top
+  out = []
+  for name, e in config.evals.items():
+    every = durations.steps(e, 'every', steps_per_epoch, minimum=1)
+    if not e.get('enabled', True) or (periodic and not every):
+      continue
+    key = datasets.overridden(e.get('dataset'))
+    ec = (datasets.with_overrides(config, e.dataset, resolve_splits=True)
+          if key else config)
+    out.append(Entry(name, registry.TYPES[e.type], ec, key, every))
+  return out

@@ -4,21 +4,18 @@
 the shared loop (training/loop.py) a jitted step and a stream that can start
 at any step, so re-running on the same workdir resumes from the last complete
 checkpoint with the input stream at the same position, and an interrupted run
-ends where an uninterrupted one would. `evaluate_encoder` then reads the
-frozen representation out (probes, few-shot probes, kNN), pretrained against
-random init.
+ends where an uninterrupted one would. `evaluate_encoder` then runs the
+read-outs config.evals declares (training/evals.py).
 """
 
-import contextlib
 import dataclasses
 import functools
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from absl import logging
 
 from simclr_jax import methods
@@ -27,13 +24,14 @@ from simclr_jax.config import defaults
 from simclr_jax.config import durations
 from simclr_jax.config import resolve as config_resolve
 from simclr_jax.config.validation import ConfigError
-from simclr_jax.evaluation import features as features_lib
 from simclr_jax.evaluation import knn_monitor
 from simclr_jax.evaluation import readout
+from simclr_jax.evaluation import registry
 from simclr_jax.models import encoders
 from simclr_jax.runtime import accelerator
 from simclr_jax.runtime import optim
 from simclr_jax.runtime import parallel
+from simclr_jax.training import evals
 from simclr_jax.training import loop
 from simclr_jax.training import pretrain_step as train_step_lib
 from simclr_jax.training import state as state_lib
@@ -84,6 +82,7 @@ def build(config: ml_collections.ConfigDict, mesh=None) -> Setup:
   mesh = parallel.make_mesh() if mesh is None else mesh
   config = config_resolve.resolve(config, num_devices=mesh.devices.size,
                                   process_count=jax.process_count())
+  registry.check(config)  # The read-out types, before anything compiles.
   info = datasets.dataset_info(config)
   steps_per_epoch = pipeline.steps_per_epoch(config, info)
   if steps_per_epoch <= 0:
@@ -140,21 +139,26 @@ def initial_state(setup: Setup) -> state_lib.TrainState:
       setup.mesh, setup.method)
 
 
-def _knn_hook(setup: Setup, workdir: str):
-  """The loop's after_step hook for the kNN monitor, or None if it is off."""
-  if not knn_monitor.interval(setup.config, setup.steps_per_epoch):
+def _monitor_hook(setup: Setup, workdir: str):
+  """The loop's after_step hook for the config.evals entries that also run
+  during pretraining (the kNN monitor), or None if there are none."""
+  periodic = readout.entries(setup.config, setup.steps_per_epoch,
+                             periodic=True)
+  if not periodic:
     return None  # Off: read no evaluation dataset at start-up.
-  ec, labelled = probe_dataset(setup)
-  if not labelled:
-    logging.warning('kNN monitor off: %s has no labels to score it with.',
-                    ec.dataset.name)
+  scored = [e for e in periodic if evals.labelled(setup, e)]
+  if len(scored) < len(periodic):
+    logging.warning('Off during pretraining: %s.', evals.skipped_why(
+        [e for e in periodic if e not in scored]))
+  if not scored:
     return None
-  monitor = knn_monitor.KnnMonitor(setup, workdir, ec)
+  monitor = knn_monitor.KnnMonitor(setup, workdir, scored)
 
   def after_step(step: int, state) -> dict | None:
-    if not monitor.due(step, setup.total_steps):
+    due = monitor.due(step, setup.total_steps)
+    if not due:
       return None
-    return {'knn_accuracy': monitor.measure(step, state_lib.variables_of(state))}
+    return monitor.measure(step, state_lib.variables_of(state), due)
 
   return after_step
 
@@ -209,7 +213,7 @@ def loop_spec(setup: Setup, workdir: str,
       keep_checkpoints=c.keep_checkpoints, prefetch=c.dataset.prefetch,
       accuracy_key='contrastive_acc',
       position=functools.partial(_data_position, setup),
-      after_step=_knn_hook(setup, workdir),
+      after_step=_monitor_hook(setup, workdir),
       before_step=_host_update_hook(setup))
 
 
@@ -253,166 +257,11 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str,
   }
 
 
-# Batches of eval.batch_size training images that re-estimate the BN
-# statistics of the random-init baseline: a fixed number, whatever the size
-# of the split. With BN momentum 0.9 the initial (0, 1) statistics keep
-# 0.9^50 < 1% of their weight after them, and the last ten batches hold
-# about two thirds of it, which is why the batches are shuffled: in split
-# order a split sorted by class (an image folder) would give those last
-# batches a few classes only.
-RANDOM_INIT_BN_BATCHES = 50
-
-
-def _cycled_batches(config: ml_collections.ConfigDict, split: str,
-                    batch_size: int, count: int,
-                    seed: int) -> Iterator[np.ndarray]:
-  """`count` batches of exactly `batch_size` eval images of a split.
-
-  The split's stream, shuffled with a seed drawn from (`seed`, pass), is
-  re-cut into equal batches (one shape, one compilation; no ragged last
-  batch with noisy statistics) and read again, in a new order, when it ends
-  before `count` batches, so small splits such as digits contribute every
-  image. Only one batch and one chunk are held (a streamed split shuffles
-  in a bounded buffer: DataSource.eval_batches).
-  """
-  from simclr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from simclr_jax.data import streams  # pylint: disable=g-import-not-at-top
-  pending, rows, made, passes = [], 0, 0, 0
-  while made < count:
-    empty = True
-    chunks = pipeline.eval_batches(
-        config, split, batch_size,
-        shuffle_seed=streams.seed31(seed, passes))
-    passes += 1
-    for x, _ in chunks:
-      empty = empty and not len(x)
-      pending.append(np.asarray(x))
-      rows += len(x)
-      while rows >= batch_size and made < count:
-        joined = np.concatenate(pending)
-        yield joined[:batch_size]
-        pending, rows, made = [joined[batch_size:]], rows - batch_size, made + 1
-      if made >= count:
-        return
-    if empty:
-      raise ValueError(f'split {split!r} has no images for the BN statistics')
-
-
-def recalibrate_batch_stats(setup: Setup, variables: dict,
-                            config: ml_collections.ConfigDict | None = None,
-                            batches: int = RANDOM_INIT_BN_BATCHES) -> dict:
-  """BN running statistics re-estimated on `batches` train-split batches.
-
-  Used for the random-init baseline: its running averages are still the
-  initial (0, 1), which would make a fair network look broken. The images
-  are `config`'s (default the run's) train split, streamed in an order
-  shuffled with the run's seed (`_cycled_batches`): the same batches for
-  the same seed, a bounded cost on any dataset, at most eval.batch_size
-  images in memory besides a streamed split's shuffle buffer.
-  """
-  from simclr_jax.data import datasets  # pylint: disable=g-import-not-at-top
-  c = setup.config if config is None else config
-  split = c.dataset.train_split
-  devices = setup.mesh.devices.size
-  bs = min(setup.config.eval.batch_size,
-           datasets.source_for(c).split_size(split))
-  bs = max(devices, bs // devices * devices)
-  return state_lib.batch_stats_from_batches(
-      setup.model, variables,
-      _cycled_batches(c, split, bs, batches, seed=setup.config.seed))
-
-
-def probe_dataset(setup: Setup) -> tuple[ml_collections.ConfigDict, bool]:
-  """(the config whose dataset the read-outs use, whether it has labels)."""
-  from simclr_jax.data import datasets  # pylint: disable=g-import-not-at-top
-  ec = datasets.evaluation_config(setup.config)
-  info = setup.info if ec is setup.config else datasets.dataset_info(ec)
-  return ec, info.labelled
-
-
-@contextlib.contextmanager
-def _logged_readout(k: int, n: int, what: str) -> Iterator[None]:
-  """Logs read-out k of n and its time: each takes minutes on a CPU and
-  writes no step lines of its own, so the log would otherwise stall."""
-  logging.info('Read-out %d/%d: %s (probe, few-shot probes, kNN)', k, n, what)
-  start = time.time()
-  yield
-  logging.info('Read-out %d/%d finished in %.0f s', k, n, time.time() - start)
-
-
 def evaluate_encoder(setup: Setup, state: state_lib.TrainState) -> dict:
-  """Frozen-feature probes, few-shot probes and kNN, pretrained vs random.
-
-  Every baseline reads the images the encoder is read out on: the
-  random-init baseline is the exact network pretraining started from (same
-  seed), with BN statistics re-estimated on RANDOM_INIT_BN_BATCHES seeded,
-  shuffled batches of training images; the pixel baseline is the flattened
-  images of both splits (eval.pixel_max_examples caps it where they would
-  not fit). Host memory holds the splits' features and at most one batch of
-  images; a split whose features exceed eval.feature_gather_max_bytes stays
-  spread over the hosts, each holding its own rows. results.json records
-  the bytes of features each process held (feature_bytes_per_process).
-  """
-  c = setup.config
-  ec, labelled = probe_dataset(setup)
-  if not labelled:
-    why = (f'probes skipped: {ec.dataset.name} {ec.dataset.train_split!r} has '
-           'no labels; set config.eval.dataset.name (and .folder, '
-           '.train_split, .eval_split) to probe on a labelled dataset')
-    logging.warning('%s.', why)
-    return {'probes_skipped': why}
-  apply = readout.feature_fn(setup.model)
-  t0 = time.time()
-
-  held = {}  # Split name -> bytes of its features on each process.
-
-  def probe(variables: dict, record: bool = False) -> dict:
-    # Streamed: only the features of each split are held, never its images.
-    splits = {'train': ec.dataset.train_split, 'test': ec.dataset.eval_split}
-    train, test = (readout.featurize_split(
-        apply, variables, ec, split, batch_size=c.eval.batch_size,
-        mesh=setup.mesh, gather_max_bytes=c.eval.feature_gather_max_bytes)
-                   for split in splits.values())
-    if record:
-      for name, (features, _) in zip(splits, (train, test)):
-        held[name] = readout.bytes_per_process(features)
-        spread = isinstance(features, features_lib.ShardedFeatures)
-        logging.info('Features of %r: %d x %d (%d bytes), held %s; bytes '
-                     'per process: %s', splits[name], *features.shape,
-                     4 * features.shape[0] * features.shape[1],
-                     'spread over the processes' if spread else
-                     'whole on every process', held[name])
-    return {**readout.evaluate_frozen(
-        train, test, eval_config=c.eval, seed=c.seed, mesh=setup.mesh,
-        knn_predictions=record and c.debug.record_knn_predictions),
-            'probe_train_examples': len(train[1]),
-            'probe_test_examples': len(test[1])}
-
-  n = 1 + bool(c.eval.probe_random_init) + bool(c.eval.probe_pixels)
-  with _logged_readout(1, n, 'the pretrained encoder'):
-    results = probe(state_lib.variables_of(state), record=True)
-  results['feature_bytes_per_process'] = held
-  if c.eval.probe_random_init:
-    with _logged_readout(2, n, 'the same network at random init'):
-      init = jax.device_get(initial_state(setup))
-      rand = probe(recalibrate_batch_stats(
-          setup, state_lib.variables_of(init), ec))
-    # The README's results.json names: random_init_probe_accuracy for the
-    # all-label probe, random_init_fewshot_probe_accuracy, ...
-    results.update(readout.prefixed('random_init_', {
-        k: v for k, v in rand.items() if not k.endswith('_examples')}))
-    results['random_init_bn_batches'] = RANDOM_INIT_BN_BATCHES
-    # Those batches are the train split shuffled with this seed.
-    results['random_init_bn_shuffle_seed'] = c.seed
-  if c.eval.probe_pixels:
-    with _logged_readout(n, n, 'the raw pixels'):
-      pixels = [readout.sample_pixels(
-          ec, split, max_examples=c.eval.pixel_max_examples, seed=c.seed,
-          batch_size=c.eval.batch_size)
-                for split in (ec.dataset.train_split, ec.dataset.eval_split)]
-      results.update(readout.prefixed('pixel_', readout.evaluate_pixels(
-          *pixels, eval_config=c.eval, seed=c.seed, mesh=setup.mesh)))
-    results['pixel_train_examples'] = len(pixels[0][1])
-    results['pixel_test_examples'] = len(pixels[1][1])
-  results['eval_wall_time_s'] = time.time() - t0
-  return results
+  """The end-of-run read-outs config.evals declares (training/evals.py):
+  by default probes, few-shot probes and kNN of the pretrained encoder,
+  against the same network at random init and the raw pixels."""
+  return evals.evaluate(
+      setup, state_lib.variables_of(state),
+      init_variables=lambda: state_lib.variables_of(
+          jax.device_get(initial_state(setup))))
