@@ -321,7 +321,7 @@ def test_grad_cache_support_is_the_methods_own(method):
 # The fields that fix the shapes of each method's checkpointed state.
 RESUME_SHAPE_FIELDS = {
     'moco_v2': ('moco_v2.queue_size',),
-    'moco_v3': ('moco_v3.predictor_hidden_dim',),
+    'moco_v3': ('moco_v3.predictor_hidden_dim', 'moco_v3.predictor_out_bn'),
     'byol': ('byol.predictor_hidden_dim',),
     'swav': ('swav.num_prototypes', 'swav.queue_length'),
     'instdisc': ('dataset.train_split',),
