@@ -111,9 +111,9 @@ def _assert_train_bn_grads_close(a, b):
                                err_msg=jax.tree_util.keystr(path))
 
 
-@pytest.mark.parametrize('chunks', [2, 4])
-def test_frozen_bn_equals_full_batch_gradient(chunks):
-  model = _TinyNet()
+def _frozen_bn_matches_full_batch(model, chunks, **tolerance):
+  """Cached frozen-BN gradient of `model` over `chunks` against jax.grad of
+  the whole batch's loss in one call; returns (grads, stats, new_stats)."""
   x, labels = _data()
   params, stats = _variables(model, x)
 
@@ -124,11 +124,17 @@ def test_frozen_bn_equals_full_batch_gradient(chunks):
   want_loss, want = jax.value_and_grad(full_loss)(params)
   grads, (metrics, new_stats) = _sharded_grads(model, params, stats, x,
                                                labels, chunks, 'frozen')
-  assert parallel.make_mesh().devices.size == 8
   np.testing.assert_allclose(
       metrics['contrastive_loss'] + metrics['linear_loss'], want_loss,
       rtol=1e-6)
-  _assert_trees_close(grads, want)
+  _assert_trees_close(grads, want, **tolerance)
+  return grads, stats, new_stats
+
+
+@pytest.mark.parametrize('chunks', [2, 4])
+def test_frozen_bn_equals_full_batch_gradient(chunks):
+  grads, stats, new_stats = _frozen_bn_matches_full_batch(_TinyNet(), chunks)
+  assert parallel.make_mesh().devices.size == 8
   # The linear head and the encoder both received gradient.
   assert float(jnp.abs(grads['Dense_2']['kernel']).max()) > 0
   assert float(jnp.abs(grads['Conv_0']['kernel']).max()) > 0
@@ -144,20 +150,7 @@ def test_vit_gradient_cache_equals_full_batch_gradient():
       encoder=models.ViT(width=8, depth=1, num_heads=2, patch_size=3,
                          name='encoder'),
       num_proj_layers=2, proj_out_dim=6, num_classes=NUM_CLASSES)
-  x, labels = _data()
-  params, stats = _variables(model, x)
-
-  def full_loss(p):
-    out = model.apply({'params': p, 'batch_stats': stats}, x, train=False)
-    return _reference_loss(out['projection'], out['logits'], labels)
-
-  want_loss, want = jax.value_and_grad(full_loss)(params)
-  grads, (metrics, _) = _sharded_grads(model, params, stats, x, labels, 2,
-                                       'frozen')
-  np.testing.assert_allclose(
-      metrics['contrastive_loss'] + metrics['linear_loss'], want_loss,
-      rtol=1e-6)
-  _assert_trees_close(grads, want, rtol=1e-5, atol=1e-6)
+  grads, _, _ = _frozen_bn_matches_full_batch(model, 2, rtol=1e-5, atol=1e-6)
   qkv = grads['encoder']['blocks_0']['attn']['qkv']['kernel']
   assert float(jnp.abs(qkv).max()) > 0
 
