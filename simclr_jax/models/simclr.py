@@ -141,12 +141,13 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int,
   dtype = resnet.compute_dtype(m.compute_dtype)
   # Checks the encoder's settings before any tracing.
   encoder = encoders.build_encoder(m, config.dataset.image_size, dtype=dtype)
+  head = heads.head_settings(m)
   return SimCLRModel(
       encoder=encoder,
       num_proj_layers=m.num_proj_layers,
       proj_out_dim=m.proj_out_dim,
-      proj_hidden_dim=heads.head_settings(m)['hidden_dim'] or 0,
-      proj_out_bn_scale=heads.head_settings(m)['out_bn_scale'],
+      proj_hidden_dim=head['hidden_dim'] or 0,
+      proj_out_bn_scale=head['out_bn_scale'],
       num_classes=num_classes,
       linear_head=m.linear_eval_while_pretraining,
       dtype=dtype,
