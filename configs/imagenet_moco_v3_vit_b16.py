@@ -12,7 +12,8 @@ projector and 2-layer predictor 4096 wide (configs/methods/moco_v3.py,
 `vit_recipe`). The images, crop (down to 8%), colour jitter, blur and
 bfloat16 compute are the ImageNet SimCLR recipe's
 (configs/imagenet_resnet50.py). docs/preflight.md has its memory plan on
-128 devices of 16 GiB.
+128 devices of 16 GiB: 32 images per device fit there with
+`--config.max_batch_per_device=16` (gradient caching in 2 chunks).
 """
 
 import os

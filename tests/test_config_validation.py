@@ -310,12 +310,13 @@ def test_grad_cache_support_is_the_methods_own(method):
       config_validation.validate(c, num_devices=8)
     msg = str(e.value)
     assert '\n' not in msg and f'method={method!r}' in msg, msg
-    assert ('use 0, or one of contrastive_margin, hcl, invaspread, simclr, '
-            'supcon, triplet') in msg, msg
-  # Only methods scoring the projections alone can be chunked.
+    assert ('use 0, or one of byol, contrastive_margin, hcl, invaspread, '
+            'moco_v3, simclr, supcon, triplet') in msg, msg
+  # Methods scoring one output per view (and a target network's outputs)
+  # can be chunked; a queue, prototypes or a memory bank cannot.
   assert {n for n, m in methods.METHODS.items() if m.supports_grad_cache} == {
       'simclr', 'hcl', 'supcon', 'triplet', 'contrastive_margin',
-      'invaspread'}
+      'invaspread', 'moco_v3', 'byol'}
 
 
 # The fields that fix the shapes of each method's checkpointed state.

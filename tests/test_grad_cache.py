@@ -215,24 +215,27 @@ class _FrozenBN:
   def init(self, *args, **kwargs):
     return self.model.init(*args, **kwargs)
 
+  def clone(self, **fields):  # A method's target network.
+    return _FrozenBN(self.model.clone(**fields))
+
   def apply(self, variables, x, train, mutable=False):
     del train
     out = self.model.apply(variables, x, train=False)
     return (out, {'batch_stats': variables['batch_stats']}) if mutable else out
 
 
-def _train(model, chunks, bn='per_chunk', steps=2):
+def _train(model, chunks, bn='per_chunk', steps=2, method='simclr'):
   """Runs the real jitted train step (LARS, online head, metrics)."""
   c = defaults.base_config()
+  c.method = method
   c.optim.warmup_epochs = 0
   c.loss.temperature = TEMPERATURE
   mesh = parallel.make_mesh()
   tx, schedule = optim.make_optimizer(c, steps_per_epoch=10, total_steps=20)
-  state = ts.create_train_state(model, tx, jax.random.key(0), 8, mesh)
+  m = methods.make_method(c, mesh=mesh, total_steps=20, num_train_examples=0)
+  state = ts.create_train_state(model, tx, jax.random.key(0), 8, mesh, m)
   step = ts.make_train_step(
-      model, tx, schedule, mesh,
-      method=methods.make_method(c, mesh=mesh, total_steps=20,
-                                 num_train_examples=0),
+      model, tx, schedule, mesh, method=m,
       views_fn=ts.make_views_fn('tf', 8, 0.5, False),
       grad_cache_chunks=chunks, grad_cache_bn=bn)
   rng = np.random.default_rng(0)
@@ -260,6 +263,51 @@ def test_train_step_with_grad_cache_matches_plain_step_frozen_bn():
       np.testing.assert_allclose(a[k], b[k], rtol=1e-5, err_msg=k)
   _assert_trees_close(s2.params, s0.params, rtol=1e-5, atol=1e-6)
   _assert_trees_close(s2.batch_stats, s0.batch_stats, rtol=0, atol=0)
+
+
+def _predictor_net():
+  """MoCo v3's and BYOL's shape, tiny: a ViT, a BN projection head and a
+  BN predictor, so the target network and both BN modes matter."""
+  from simclr_jax import models  # pylint: disable=g-import-not-at-top
+  return models.SimCLRModel(
+      encoder=models.ViT(width=8, depth=1, num_heads=2, patch_size=4,
+                         name='encoder'),
+      num_proj_layers=2, proj_out_dim=6, num_classes=NUM_CLASSES,
+      predictor_hidden_dim=8)
+
+
+def _assert_states_close(a, b, **tolerance):
+  _assert_trees_close(a.params, b.params, **tolerance)
+  _assert_trees_close(a.extra, b.extra, **tolerance)  # The target network.
+
+
+@pytest.mark.parametrize('method', ['moco_v3', 'byol'])
+def test_predictor_methods_grad_cache_matches_plain_step_frozen_bn(method):
+  """Two chunks, frozen BN: the online predictions are cached, the target
+  network runs chunk by chunk; two steps (LARS, momentum update of the
+  target) land where the plain step does."""
+  net = _predictor_net()
+  s0, m0 = _train(_FrozenBN(net), chunks=0, method=method)
+  s2, m2 = _train(net, chunks=2, bn='frozen', method=method)
+  for a, b in zip(m2, m0):
+    for k in ('loss', 'linear_loss', 'grad_norm', 'param_norm'):
+      np.testing.assert_allclose(a[k], b[k], rtol=1e-5, err_msg=k)
+  assert m0[0]['grad_norm'] > 0
+  # Two LARS steps move some biases to hundreds; float32 rounding of the
+  # chunked sums then reaches about 1e-5 of them.
+  _assert_states_close(s2, s0, rtol=1e-4, atol=1e-6)
+
+
+def test_moco_v3_grad_cache_one_chunk_is_the_plain_step():
+  """One chunk, BN in training mode: the cached path (online BN statistics,
+  the target's statistics by chunk) is the plain step's global BN."""
+  s0, m0 = _train(_predictor_net(), chunks=0, method='moco_v3')
+  s1, m1 = _train(_predictor_net(), chunks=1, method='moco_v3')
+  for a, b in zip(m1, m0):
+    for k in ('loss', 'grad_norm', 'param_norm'):
+      np.testing.assert_allclose(a[k], b[k], rtol=1e-4, err_msg=k)
+  _assert_states_close(s1, s0, rtol=1e-4, atol=1e-5)
+  _assert_trees_close(s1.batch_stats, s0.batch_stats, rtol=1e-5, atol=1e-6)
 
 
 def test_train_step_per_chunk_bn_trains_and_updates_statistics():

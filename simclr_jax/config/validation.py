@@ -208,5 +208,6 @@ def _validate_method(config: ml_collections.ConfigDict) -> None:
                                  if m.supports_grad_cache))
     raise ConfigError(
         f'config.grad_cache_chunks={chunks} is not supported for '
-        f'method={config.method!r}: its loss needs more than the projections; '
+        f'method={config.method!r}: its loss needs more than one output per '
+        'view (a queue, prototypes or a memory bank); '
         f'use 0, or one of {supported}')

@@ -121,16 +121,22 @@ class Method:
   resume_shape_fields: tuple[str, ...] = ()
   needs_index = False  # The input pipeline must yield dataset ids.
   needs_labels = False  # The loss uses class labels.
-  # Gradient caching needs a loss of the projections alone: true for
-  # methods that only define `projection_loss` (SimCLR, HCL, SupCon,
-  # triplet, margin). A subclass that overrides `loss` (a target network,
-  # prototypes, a memory bank) is not supported unless it says otherwise.
+  # Gradient caching (training/grad_cache.py) needs a loss of one online
+  # output per view (`cached_output`) and, for methods with a target
+  # network, that network's outputs (`cached_targets`): true for methods
+  # that only define `projection_loss` (SimCLR, HCL, SupCon, triplet,
+  # margin). A subclass that overrides `loss` (a queue, prototypes, a memory
+  # bank) is not supported unless it says so and defines `cached_loss`.
   supports_grad_cache = True
+  cached_output = 'projection'
+  has_targets = False  # `cached_targets` runs a target network.
 
   def __init_subclass__(cls, **kwargs):
     super().__init_subclass__(**kwargs)
-    if 'supports_grad_cache' not in vars(cls):
-      cls.supports_grad_cache = cls.loss is Method.loss
+    # A class that overrides `loss` without saying it supports gradient
+    # caching does not; one that keeps its parent's loss keeps its answer.
+    if 'supports_grad_cache' not in vars(cls) and 'loss' in vars(cls):
+      cls.supports_grad_cache = False
 
   @classmethod
   def validate(cls, config: ml_collections.ConfigDict) -> None:
@@ -188,6 +194,26 @@ class Method:
                       ) -> tuple[jax.Array, Metrics]:
     """Loss of the two views' projections (N, D) each, and extra metrics."""
     raise NotImplementedError(f'{self.name} defines no projection_loss')
+
+  def cached_targets(self, model: nn.Module, extra: Any, x: jax.Array,
+                     train: bool) -> tuple[jax.Array, Any]:
+    """Under gradient caching, a target network's outputs for the views x
+    of one chunk (no gradient) and its payload for `update_extra`.
+
+    Only for `has_targets` methods. `train` is False under frozen BN. The
+    payloads of the chunks are averaged (BN statistic updates are linear in
+    the chunk statistics, as for the online network's).
+    """
+    raise NotImplementedError(f'{self.name} has no target network')
+
+  def cached_loss(self, a: jax.Array, b: jax.Array, targets: Any,
+                  batch: StepBatch) -> tuple[jax.Array, Metrics]:
+    """The loss under gradient caching, from the whole batch's cached
+    online outputs of the two views, a and b (N, D) each, and the target
+    outputs of all 2N views (None without a target network); the same value
+    as `loss` computes (less the linear head, which the cache adds)."""
+    del targets
+    return self.projection_loss(a, b, batch)
 
   def add_linear_head(self, loss: jax.Array, metrics: Metrics,
                       out: dict[str, Any], batch: StepBatch

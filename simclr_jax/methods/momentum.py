@@ -15,7 +15,7 @@ sub-batch, does not arise when statistics cover the whole global batch.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -38,6 +38,7 @@ def cosine_momentum(base_momentum: float, step: jax.Array,
 class _MomentumMethod(base.Method):
   """Shared target-network plumbing; subclasses define the loss."""
 
+  supports_grad_cache = False  # _PredictorMethod's subclasses do.
   cosine_schedule = True
   has_predictor = True  # BYOL, MoCo v3: {section}.predictor_hidden_dim.
 
@@ -71,15 +72,20 @@ class _MomentumMethod(base.Method):
       return cosine_momentum(m, step, self.total_steps)
     return jnp.asarray(m, jnp.float32)
 
-  def target_projections(self, model: nn.Module, extra: Any, x: jax.Array
-                         ) -> tuple[jax.Array, Any]:
-    """Target network's projections (no gradient) and its new BN stats."""
+  def target_projections(self, model: nn.Module, extra: Any, x: jax.Array,
+                         train: bool = True) -> tuple[jax.Array, Any]:
+    """Target network's projections (no gradient) and its new BN stats
+    (unchanged when not `train`: BN on its running statistics)."""
     target = model.clone(linear_head=False, predictor_hidden_dim=0,
                          num_prototypes=0)
-    out, new_state = target.apply(
-        {'params': extra['target_params'],
-         'batch_stats': extra['target_batch_stats']},
-        x, train=True, mutable=['batch_stats'])
+    variables = {'params': extra['target_params'],
+                 'batch_stats': extra['target_batch_stats']}
+    if not train:
+      out = target.apply(variables, x, train=False)
+      return (jax.lax.stop_gradient(out['projection']),
+              extra['target_batch_stats'])
+    out, new_state = target.apply(variables, x, train=True,
+                                  mutable=['batch_stats'])
     return (jax.lax.stop_gradient(out['projection']),
             jax.lax.stop_gradient(new_state['batch_stats']))
 
@@ -92,19 +98,38 @@ class _MomentumMethod(base.Method):
     new['target_batch_stats'] = payload['target_batch_stats']
     return new
 
-  def predictor_loss(self, model, params, batch_stats, extra, batch,
-                     pair_loss: Callable[..., jax.Array]):
-    """The predictor methods' step (MoCo v3, BYOL): `pair_loss(p1, p2, z1,
-    z2)` of the online predictions p and the target projections z of the
-    two views; they differ only in that function."""
+
+class _PredictorMethod(_MomentumMethod):
+  """MoCo v3 and BYOL: `pair_loss(p1, p2, z1, z2)` of the online
+  predictions p and the target projections z of the two views; they differ
+  only in that function. Gradient caching caches the predictions and runs
+  the target network chunk by chunk beside the online one."""
+
+  supports_grad_cache = True
+  cached_output = 'prediction'
+  has_targets = True
+
+  def pair_loss(self, p1: jax.Array, p2: jax.Array, z1: jax.Array,
+                z2: jax.Array) -> jax.Array:
+    raise NotImplementedError
+
+  def loss(self, model, params, batch_stats, extra, batch):
     out, new_stats = self.forward(model, params, batch_stats, batch.x)
     p1, p2 = base.pairs(out['prediction'])
     z, target_stats = self.target_projections(model, extra, batch.x)
     z1, z2 = base.pairs(z)
-    total, metrics = self.add_linear_head(pair_loss(p1, p2, z1, z2), {}, out,
-                                          batch)
+    total, metrics = self.add_linear_head(self.pair_loss(p1, p2, z1, z2), {},
+                                          out, batch)
     return total, base.LossOutput(metrics, new_stats,
                                   payload={'target_batch_stats': target_stats})
+
+  def cached_targets(self, model, extra, x, train):
+    z, stats = self.target_projections(model, extra, x, train)
+    return z, {'target_batch_stats': stats}
+
+  def cached_loss(self, a, b, targets, batch):
+    z1, z2 = base.pairs(targets)
+    return self.pair_loss(a, b, z1, z2), {}
 
 
 class MoCoV2(_MomentumMethod):
@@ -168,7 +193,7 @@ class MoCoV2(_MomentumMethod):
     return new
 
 
-class MoCoV3(_MomentumMethod):
+class MoCoV3(_PredictorMethod):
   """MoCo v3 (Chen, Xie, He 2021): predictor, symmetric in-batch loss.
 
   No queue; the keys are the other view's target projections of the same
@@ -192,14 +217,11 @@ class MoCoV3(_MomentumMethod):
     return {**super().model_overrides(), 'predictor_out_bn':
             bool(self.settings.get('predictor_out_bn', False))}
 
-  def loss(self, model, params, batch_stats, extra, batch):
-    t = self.config.loss.temperature
-    return self.predictor_loss(
-        model, params, batch_stats, extra, batch,
-        lambda q1, q2, k1, k2: losses.moco_v3(q1, q2, k1, k2, t))
+  def pair_loss(self, p1, p2, z1, z2):
+    return losses.moco_v3(p1, p2, z1, z2, self.config.loss.temperature)
 
 
-class BYOL(_MomentumMethod):
+class BYOL(_PredictorMethod):
   """BYOL (Grill et al. 2020): predict the other view's target projection.
 
   No negatives; tau rises from 0.996 to 1 on a cosine schedule.
@@ -209,6 +231,5 @@ class BYOL(_MomentumMethod):
   section = 'byol'
   resume_shape_fields = ('byol.predictor_hidden_dim',)
 
-  def loss(self, model, params, batch_stats, extra, batch):
-    return self.predictor_loss(model, params, batch_stats, extra, batch,
-                               losses.byol)
+  def pair_loss(self, p1, p2, z1, z2):
+    return losses.byol(p1, p2, z1, z2)

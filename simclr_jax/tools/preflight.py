@@ -214,6 +214,11 @@ def _abstract_batch(setup: pretrain.Setup) -> dict:
 _RESIDENT = {
     'inputs': ('params', 'batch_stats', 'opt_state', 'extra'),
     'split': ('params', 'batch_stats', 'opt_state', 'extra', 'batch'),
+    # A target network's chunks (MoCo v3, BYOL) and their join.
+    'target': ('params', 'batch_stats', 'opt_state', 'views', 'chunks',
+               'batch'),
+    'targets': ('params', 'batch_stats', 'opt_state', 'extra', 'views',
+                'chunks', 'batch'),
     'forward': ('opt_state', 'extra', 'views', 'chunks', 'batch'),
     'loss': ('params', 'batch_stats', 'opt_state', 'extra', 'views',
              'chunks', 'batch'),

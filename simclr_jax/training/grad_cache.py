@@ -176,10 +176,7 @@ class ChunkedValueAndGrad:
 
   def _loss_impl(self, out_chunks: tuple, aux_chunks: tuple, ctx: Any):
     c, d = self.num_chunks, self.num_devices
-    stacked = jax.tree.map(lambda *a: jnp.stack(a), *out_chunks)
-    outputs = self._constrain(
-        jax.tree.map(lambda a: _from_chunks(a, c, d), stacked),
-        P(parallel.DATA_AXIS))
+    outputs = self.join(out_chunks)
     (loss, metrics), d_outputs = jax.value_and_grad(
         self._loss_fn, has_aux=True)(outputs, ctx)
     d_stacked = self._constrain(
@@ -194,6 +191,21 @@ class ChunkedValueAndGrad:
     _, vjp = jax.vjp(lambda p: self._apply_fn(p, state, xc)[0], params)
     (g,) = vjp(dc)
     return jax.tree.map(lambda a, b: a + b.astype(a.dtype), acc, g)
+
+  def split(self, x: jax.Array) -> tuple[jax.Array, ...]:
+    """The chunks of x (R, ...) this engine differentiates, in its order."""
+    check_chunks(x.shape[0], self.num_chunks, self.num_devices)
+    return self._split(x)
+
+  def join(self, chunks: tuple) -> Any:
+    """Inverse of `split` for per-chunk outputs (pytrees with the chunk's
+    rows on axis 0): the whole batch in the original row order, sharded on
+    the data axis. Traceable (call it inside a jitted program)."""
+    c, d = self.num_chunks, self.num_devices
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *chunks)
+    return self._constrain(
+        jax.tree.map(lambda a: _from_chunks(a, c, d), stacked),
+        P(parallel.DATA_AXIS))
 
   def __call__(self, params: Any, state: Any, x: jax.Array, ctx: Any = None,
                record: Recorder = None
@@ -236,6 +248,15 @@ class ChunkedValueAndGrad:
     return (loss, (metrics, aux)), grads
 
 
+def mean_over_chunks(chunk_stats: tuple) -> Any:
+  """The mean of the chunks' BN statistic updates (pytrees of one shape).
+
+  Every chunk's update is momentum * old + (1 - momentum) * chunk stat;
+  their mean is one update with the mean of the chunk statistics.
+  """
+  return jax.tree.map(lambda *s: sum(s) / len(s), *chunk_stats)
+
+
 def _zeros_like_accumulator(params: Any) -> Any:
   """Zero gradients in at least float32, whatever the parameter dtype."""
   return jax.tree.map(
@@ -259,19 +280,23 @@ class SimCLRGradCache:
                                    tuple[jax.Array, jax.Array]],
                num_chunks: int,
                mesh: Mesh | None = None,
-               bn: str = 'per_chunk'):
+               bn: str = 'per_chunk',
+               output: str = 'projection'):
     """
     Args:
       model: module with `apply(variables, x, train=..., mutable=...)`
-        returning a dict with 'projection' and optionally 'logits' (a
+        returning a dict with `output` and optionally 'logits' (a
         SimCLRModel).
       contrastive_loss: z_a, z_b, ctx -> (loss, metrics), e.g. the
-        shard_mapped `losses.sharded_nt_xent`; ctx is what the caller passes.
+        shard_mapped `losses.sharded_nt_xent`, of the two views' `output`
+        rows; ctx is what the caller passes.
       head_loss: logits, labels -> (loss, accuracy) of the linear head.
       num_chunks: chunks of the batch; 2N must split evenly into chunks x
         devices rows (equivalently, N into chunks x devices images).
       mesh: the data-parallel mesh.
       bn: 'per_chunk' or 'frozen' (see the module docstring).
+      output: the model output the loss reads and the cache holds: the
+        projection z, or a predictor's 'prediction' (MoCo v3, BYOL).
     """
     if bn not in BN_MODES:
       raise ValueError(f'grad_cache_bn={bn!r} is not supported; choose one '
@@ -286,15 +311,14 @@ class SimCLRGradCache:
         new_stats = new.get('batch_stats', {})
       else:
         out, new_stats = model.apply(variables, xc, train=False), None
-      keep = {'projection': out['projection']}
+      keep = {output: out[output]}
       if out.get('logits') is not None:
         keep['logits'] = out['logits']
       return keep, new_stats
 
     def loss_fn(outputs, ctx):
       labels, user_ctx = ctx
-      z = outputs['projection'].reshape(
-          (outputs['projection'].shape[0] // 2, 2, -1))
+      z = outputs[output].reshape((outputs[output].shape[0] // 2, 2, -1))
       loss, metrics = contrastive_loss(z[:, 0], z[:, 1], user_ctx)
       total = loss
       if 'logits' in outputs:
@@ -306,13 +330,12 @@ class SimCLRGradCache:
     def reduce_aux(chunk_stats):
       if not train:
         return None
-      # Every chunk's update is momentum * old + (1 - momentum) * chunk stat;
-      # their mean is one update with the mean of the chunk statistics.
-      return jax.tree.map(lambda *s: sum(s) / len(s), *chunk_stats)
+      return mean_over_chunks(chunk_stats)
 
     self._engine = ChunkedValueAndGrad(apply_fn, loss_fn,
                                        num_chunks=num_chunks, mesh=mesh,
                                        reduce_aux=reduce_aux)
+    self.split, self.join = self._engine.split, self._engine.join
 
   def __call__(self, params: Any, batch_stats: Any, x: jax.Array,
                labels: jax.Array, ctx: Any = None, record: Recorder = None

@@ -110,8 +110,9 @@ def make_train_step(model: nn.Module,
     compute_dtype: dtype the views are cast to before the encoder.
     grad_cache_chunks: > 0 computes the gradient by gradient caching in this
       many chunks (simclr_jax/training/grad_cache.py): same loss, activation memory of
-      one chunk, one extra forward pass. Needs a method whose loss depends on
-      the projections alone (`method.supports_grad_cache`).
+      one chunk, one extra forward pass. Needs a method whose loss reads one
+      online output per view and, if it has one, its target network's
+      outputs (`method.supports_grad_cache`).
     grad_cache_bn: BN under gradient caching, 'per_chunk' or 'frozen'.
     inject_nan_at_step: testing aid (config debug.inject_nan_at_step): the
       update that makes state.step equal to this gets a NaN loss and NaN
@@ -120,7 +121,7 @@ def make_train_step(model: nn.Module,
   if grad_cache_chunks and not method.supports_grad_cache:
     raise ValueError(f'grad_cache_chunks={grad_cache_chunks} is not supported '
                      f'for method={method.name!r}: its loss needs more than '
-                     'the projections (use 0)')
+                     'one output per view (use 0)')
 
   def step_inputs(step: jax.Array, batch: dict, rng: jax.Array
                   ) -> methods.StepBatch:
@@ -199,6 +200,13 @@ class HostChunkedStep:
   -> (state, metrics)`, made of separately jitted programs: the views, the
   chunked gradient (training/grad_cache.py) and the update. The state is
   donated to the update program as in the plain step.
+
+  A method with a target network (MoCo v3, BYOL: `method.has_targets`)
+  gets its outputs first, by chunks too (one 'target' program a chunk and a
+  'targets' program joining them): the target takes no gradient, so its
+  outputs are inputs of the loss like the labels, and its activations, like
+  the online network's, exist for one chunk at a time. Its BN follows
+  `bn`: statistics of the chunk, averaged over the chunks, or frozen.
   """
 
   def __init__(self, model: nn.Module, mesh: Mesh, method: methods.Method,
@@ -207,8 +215,9 @@ class HostChunkedStep:
     state_sharding = parallel.replicated(mesh)
     batch_sharding = parallel.data_sharding(mesh)
 
-    def projection_loss(z_a, z_b, step_batch):
-      loss, metrics = method.projection_loss(z_a, z_b, step_batch)
+    def cached_loss(a, b, ctx):
+      step_batch, targets = ctx
+      loss, metrics = method.cached_loss(a, b, targets, step_batch)
       return loss, dict(metrics, contrastive_loss=loss)
 
     def inputs(step, batch, rng):
@@ -219,12 +228,20 @@ class HostChunkedStep:
     self._inputs = jax.jit(
         inputs, in_shardings=(state_sharding, batch_sharding, state_sharding))
     self._grads = grad_cache.SimCLRGradCache(
-        model, contrastive_loss=projection_loss,
+        model, contrastive_loss=cached_loss,
         head_loss=methods.base.linear_head_loss, num_chunks=num_chunks,
-        mesh=mesh, bn=bn)
+        mesh=mesh, bn=bn, output=method.cached_output)
+    self._has_targets = method.has_targets
+    if self._has_targets:
+      train = bn == 'per_chunk'
+      self._target = jax.jit(
+          lambda extra, xc: method.cached_targets(model, extra, xc, train))
+      self._targets = jax.jit(
+          lambda outs, payloads: (self._grads.join(outs),
+                                  grad_cache.mean_over_chunks(payloads)))
     self._update = jax.jit(
-        lambda state, grads, metrics, stats: apply_gradients(
-            state, grads, methods.LossOutput(metrics, stats)),
+        lambda state, grads, metrics, stats, payload: apply_gradients(
+            state, grads, methods.LossOutput(metrics, stats, payload)),
         out_shardings=(state_sharding, state_sharding),
         donate_argnums=(0,))
 
@@ -240,9 +257,17 @@ class HostChunkedStep:
 
     step_batch, labels = run('inputs', self._inputs, state.step, batch, rng)
     x = step_batch.x
+    targets = payload = None
+    if self._has_targets:
+      outs = [run('target', self._target, state.extra, xc)
+              for xc in self._grads.split(x)]
+      targets, payload = run('targets', self._targets,
+                             tuple(t for t, _ in outs),
+                             tuple(p for _, p in outs))
+      del outs
     # The loss reads labels, index, rng and step, not the views themselves.
     grads, (metrics, stats) = self._grads(
         state.params, state.batch_stats, x, labels,
-        step_batch.replace(x=None), record=record)
-    del step_batch, x
-    return run('update', self._update, state, grads, metrics, stats)
+        (step_batch.replace(x=None), targets), record=record)
+    del step_batch, x, targets
+    return run('update', self._update, state, grads, metrics, stats, payload)
