@@ -63,6 +63,7 @@ would put a whole chunk on a few devices). The loss is computed on the
 original row order, so the result does not depend on the chunking.
 """
 
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -81,6 +82,15 @@ ApplyFn = Callable[[Any, Any, jax.Array], tuple[Any, Any]]
 # Records (program name, jitted function, its arguments) when asked to, so a
 # benchmark can compile and analyse every program of a step.
 Recorder = Callable[[str, Any, tuple], None] | None
+
+
+def run_program(record: Recorder, name: str, program: Any, *args) -> Any:
+  """program(*args), after telling `record` (if given) its name and
+  arguments: how a host-driven step lets a benchmark or preflight compile
+  and analyse each of its programs."""
+  if record is not None:
+    record(name, program, args)
+  return program(*args)
 
 
 def check_chunks(num_rows: int, num_chunks: int, num_devices: int) -> None:
@@ -192,10 +202,12 @@ class ChunkedValueAndGrad:
     (g,) = vjp(dc)
     return jax.tree.map(lambda a, b: a + b.astype(a.dtype), acc, g)
 
-  def split(self, x: jax.Array) -> tuple[jax.Array, ...]:
-    """The chunks of x (R, ...) this engine differentiates, in its order."""
+  def split(self, x: jax.Array, record: Recorder = None
+            ) -> tuple[jax.Array, ...]:
+    """The chunks of x (R, ...) this engine differentiates, in its order
+    (the 'split' program)."""
     check_chunks(x.shape[0], self.num_chunks, self.num_devices)
-    return self._split(x)
+    return run_program(record, 'split', self._split, x)
 
   def join(self, chunks: tuple) -> Any:
     """Inverse of `split` for per-chunk outputs (pytrees with the chunk's
@@ -208,7 +220,7 @@ class ChunkedValueAndGrad:
         P(parallel.DATA_AXIS))
 
   def __call__(self, params: Any, state: Any, x: jax.Array, ctx: Any = None,
-               record: Recorder = None
+               record: Recorder = None, chunks: tuple | None = None
                ) -> tuple[tuple[jax.Array, tuple[dict, Any]], Any]:
     """((loss, (metrics, reduced aux)), grads) for the batch x.
 
@@ -219,20 +231,17 @@ class ChunkedValueAndGrad:
       ctx: anything else the loss reads (labels, the step's rng).
       record: if given, called as record(name, program, args) before each
         program runs (benchmarks compile and analyse them).
+      chunks: `split(x)`, when the caller has split x already (to run
+        something else over the same chunks), so it is not split twice.
 
     Returns:
       Gradients in the parameters' dtype, accumulated in at least float32.
       The loss is exact; the gradient is exact for a network whose per-row
       outputs do not depend on the other rows of the chunk.
     """
-    check_chunks(x.shape[0], self.num_chunks, self.num_devices)
-
-    def run(name, program, *args):
-      if record is not None:
-        record(name, program, args)
-      return program(*args)
-
-    chunks = run('split', self._split, x)
+    if chunks is None:
+      chunks = self.split(x, record)
+    run = functools.partial(run_program, record)
     forwards = [run('forward', self._forward, params, state, xc)
                 for xc in chunks]
     loss, metrics, aux, d_chunks = run(
@@ -338,7 +347,8 @@ class SimCLRGradCache:
     self.split, self.join = self._engine.split, self._engine.join
 
   def __call__(self, params: Any, batch_stats: Any, x: jax.Array,
-               labels: jax.Array, ctx: Any = None, record: Recorder = None
+               labels: jax.Array, ctx: Any = None, record: Recorder = None,
+               chunks: tuple | None = None
                ) -> tuple[Any, tuple[dict, Any]]:
     """(grads, (metrics, new_batch_stats)) of the loss on views x.
 
@@ -348,12 +358,12 @@ class SimCLRGradCache:
       x: (2N, ...) views, the two views of an image on adjacent rows.
       labels: (2N,) labels for the linear head (< 0: unlabelled).
       ctx: passed to contrastive_loss.
-      record: see ChunkedValueAndGrad.__call__.
+      record, chunks: see ChunkedValueAndGrad.__call__.
 
     Returns:
       The structure of the plain step's `jax.grad(loss_fn, has_aux=True)`;
       frozen BN returns the statistics unchanged.
     """
     (_, (metrics, new_stats)), grads = self._engine(
-        params, batch_stats, x, (labels, ctx), record=record)
+        params, batch_stats, x, (labels, ctx), record=record, chunks=chunks)
     return grads, (metrics, batch_stats if new_stats is None else new_stats)

@@ -9,6 +9,7 @@ device all-gathers the projections and scores its own rows against all 2N
 keys (docs/algorithms.md#across-devices).
 """
 
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -236,9 +237,10 @@ class HostChunkedStep:
       train = bn == 'per_chunk'
       self._target = jax.jit(
           lambda extra, xc: method.cached_targets(model, extra, xc, train))
+      # Frozen BN: every chunk's payload is the same running statistics.
+      reduce = grad_cache.mean_over_chunks if train else (lambda p: p[0])
       self._targets = jax.jit(
-          lambda outs, payloads: (self._grads.join(outs),
-                                  grad_cache.mean_over_chunks(payloads)))
+          lambda outs, payloads: (self._grads.join(outs), reduce(payloads)))
     self._update = jax.jit(
         lambda state, grads, metrics, stats, payload: apply_gradients(
             state, grads, methods.LossOutput(metrics, stats, payload)),
@@ -249,18 +251,14 @@ class HostChunkedStep:
                record: grad_cache.Recorder = None
                ) -> tuple[TrainState, dict]:
     """One step; `record` as in grad_cache.ChunkedValueAndGrad.__call__."""
-
-    def run(name, program, *args):
-      if record is not None:
-        record(name, program, args)
-      return program(*args)
-
+    run = functools.partial(grad_cache.run_program, record)
     step_batch, labels = run('inputs', self._inputs, state.step, batch, rng)
     x = step_batch.x
+    # Split once: the target network and the cached gradient share chunks.
+    chunks = self._grads.split(x, record)
     targets = payload = None
     if self._has_targets:
-      outs = [run('target', self._target, state.extra, xc)
-              for xc in self._grads.split(x)]
+      outs = [run('target', self._target, state.extra, xc) for xc in chunks]
       targets, payload = run('targets', self._targets,
                              tuple(t for t, _ in outs),
                              tuple(p for _, p in outs))
@@ -268,6 +266,6 @@ class HostChunkedStep:
     # The loss reads labels, index, rng and step, not the views themselves.
     grads, (metrics, stats) = self._grads(
         state.params, state.batch_stats, x, labels,
-        (step_batch.replace(x=None), targets), record=record)
-    del step_batch, x, targets
+        (step_batch.replace(x=None), targets), record=record, chunks=chunks)
+    del step_batch, x, chunks, targets
     return run('update', self._update, state, grads, metrics, stats, payload)
